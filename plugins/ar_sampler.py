@@ -1,0 +1,49 @@
+"""Left-to-right sampling from an autoregressive model with temperature, top-k and top-p."""
+
+import torch
+from pydantic import Field
+
+from tdlm import hookimpl
+from tdlm.components import ComponentConfig, SampleOutput, Sampler, sample_categorical
+
+
+def filter_probs(probs: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Zero all but the k most likely tokens and/or the smallest set holding mass top_p."""
+    if top_k is not None and top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[..., -1:]
+        probs = torch.where(probs < kth, 0.0, probs)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = torch.where(mass_before > top_p * sorted_probs.sum(-1, keepdim=True), 0.0, sorted_probs)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return probs
+
+
+class AutoregressiveSampler(Sampler):
+    class Config(ComponentConfig):
+        temperature: float = Field(1.0, gt=0.0)
+        top_k: int | None = Field(None, ge=1)
+        top_p: float | None = Field(None, gt=0.0, le=1.0)
+
+    @torch.no_grad()
+    def sample(self, net, canvas, generator):
+        mask_id = self.vocab.mask_id
+        x = canvas.clone()
+        inputs = torch.cat([torch.full_like(x[:, :1], self.vocab.bos_id), x], dim=1)
+        nfe = 0
+        for j in range(x.shape[1]):
+            to_fill = x[:, j] == mask_id
+            if not to_fill.any():
+                continue
+            logits = net(inputs[:, : j + 1])[:, -1].double() / self.config.temperature
+            nfe += 1
+            probs = filter_probs(torch.softmax(logits, -1), self.config.top_k, self.config.top_p)
+            x[:, j] = torch.where(to_fill, sample_categorical(probs, generator), x[:, j])
+            inputs[:, j + 1] = x[:, j]
+        return SampleOutput(tokens=x, nfe=nfe)
+
+
+@hookimpl
+def register_samplers(register):
+    register("ar", AutoregressiveSampler)

@@ -1,0 +1,34 @@
+"""Uniform absorbing masking: every position is masked independently with prob. 1 - alpha_t."""
+
+import torch
+import torch.nn.functional as F
+
+from tdlm import hookimpl
+from tdlm.components import Corruption
+
+
+def masked_cross_entropy(logits, x0, masked):
+    """-log mu(x0_i | x_t) at masked positions, 0 elsewhere: [B, N] float32."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none")
+    return ce.view(x0.shape) * masked
+
+
+class UniformMasking(Corruption):
+    def corrupt(self, x0, t, generator):
+        mask_prob = 1.0 - self.schedule.alpha(t)
+        noise = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=mask_prob.dtype)
+        return torch.where(noise < mask_prob[:, None], self.vocab.mask_id, x0)
+
+    def nelbo_terms(self, logits, x0, xt, t):
+        masked = xt == self.vocab.mask_id
+        return self.schedule.weight(t)[:, None] * masked_cross_entropy(logits, x0, masked)
+
+    def reverse_unmask_probs(self, probs, xt, t, s):
+        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s)
+        unmask = ((alpha_s - alpha_t) / (1.0 - alpha_t)).clamp(0.0, 1.0)
+        return probs * unmask.to(probs.dtype)[:, None, None]
+
+
+@hookimpl
+def register_corruptions(register):
+    register("uniform", UniformMasking)

@@ -1,0 +1,98 @@
+"""Checkpoints: safetensors weights plus optimizer, RNG and progress state, written atomically.
+
+Layout of a run directory:
+    config.json / config.toml   the resolved recipe (every default filled in)
+    checkpoints/step-000300/    model.safetensors + state.pt
+    checkpoints/last.json       {"step": 300, "dir": "step-000300"}: the pointer is replaced
+    checkpoints/best.json       atomically (os.replace) only after the directory is complete,
+                                so a kill mid-save never leaves a broken "last" or "best".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+POINTERS = ("last", "best")
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, state: dict, *, pointers=("last",)) -> Path:
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / "checkpoints"
+    name = f"step-{step:07d}"
+    final = root / name
+    if not final.exists():
+        tmp = root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / "model.safetensors")
+        torch.save(state, tmp / "state.pt")
+        os.replace(tmp, final)
+    for pointer in pointers:
+        _write_json_atomic(root / f"{pointer}.json", {"step": step, "dir": name, **state.get("pointer_info", {})})
+    _prune(root)
+    return final
+
+
+def _prune(root: Path) -> None:
+    """Keep only the directories a pointer names."""
+    keep = {read_pointer(root.parent, p)["dir"] for p in POINTERS if (root / f"{p}.json").exists()}
+    for path in root.glob("step-*"):
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def read_pointer(run_dir: Path, which: str) -> dict:
+    return json.loads((Path(run_dir) / "checkpoints" / f"{which}.json").read_text())
+
+
+def checkpoint_dir(run_dir: Path, which: str = "last") -> Path:
+    """`which`: last, best, or a step number."""
+    root = Path(run_dir) / "checkpoints"
+    if which.isdigit():
+        path = root / f"step-{int(which):07d}"
+    else:
+        pointer = root / f"{which}.json"
+        if not pointer.exists():
+            raise FileNotFoundError(
+                f"no {which!r} checkpoint in {run_dir} (looked for {pointer}); has the run saved one yet?"
+            )
+        path = root / read_pointer(run_dir, which)["dir"]
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"checkpoint {path} is missing model.safetensors")
+    return path
+
+
+def load_weights(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(Path(path) / "model.safetensors"))
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

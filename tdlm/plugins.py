@@ -1,0 +1,169 @@
+"""Loading plugins and the typed registry of components they provide.
+
+Built-in components live in `plugins/` (importable as `tdlm_plugins`) and are loaded from the
+explicit list below; third-party packages are found through the `tdlm` entry-point group. Both
+register through the same hooks (tdlm/hookspecs.py). The manager is built by a function, never
+at import time, so every test and every command gets a fresh one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+import warnings
+from dataclasses import dataclass, field
+
+import pluggy
+
+from tdlm import __version__, hookspecs
+
+ENTRY_POINT_GROUP = "tdlm"
+KINDS = ("schedule", "corruption", "objective", "sampler")
+_HOOK_OF_KIND = {kind: f"register_{kind}s" for kind in KINDS}
+
+BUILTIN_PLUGINS = (
+    "tdlm_plugins.schedules",
+    "tdlm_plugins.uniform",
+    "tdlm_plugins.diffusion",
+    "tdlm_plugins.ar",
+    "tdlm_plugins.ancestral",
+    "tdlm_plugins.ar_sampler",
+)
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded or registered something invalid."""
+
+
+class UnknownComponentError(KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+@dataclass(frozen=True)
+class Component:
+    kind: str
+    name: str
+    cls: type
+    plugin: str  # the plugin module (or entry-point name) that registered it
+    package: str  # the distribution it came from
+    version: str
+
+    @property
+    def config_cls(self) -> type:
+        return self.cls.Config
+
+
+@dataclass
+class Registry:
+    """kind -> name -> Component, plus the plugins that failed to load (kept to explain errors)."""
+
+    components: dict[str, dict[str, Component]] = field(
+        default_factory=lambda: {kind: {} for kind in KINDS}
+    )
+    failed: dict[str, str] = field(default_factory=dict)  # plugin name -> error
+
+    def add(self, component: Component) -> None:
+        if component.kind not in KINDS:
+            raise PluginError(f"unknown component kind {component.kind!r}")
+        config_cls = getattr(component.cls, "Config", None)
+        if config_cls is None or not hasattr(config_cls, "model_validate"):
+            raise PluginError(
+                f"{component.kind} {component.name!r} from plugin {component.plugin!r} has no "
+                "nested pydantic `Config` class; every component must declare one (it may be empty)"
+            )
+        existing = self.components[component.kind].get(component.name)
+        if existing is not None:
+            raise PluginError(
+                f"{component.kind} {component.name!r} is registered twice: by plugin "
+                f"{existing.plugin!r} ({existing.package}) and by plugin {component.plugin!r} "
+                f"({component.package}); uninstall one of them or rename the component"
+            )
+        self.components[component.kind][component.name] = component
+
+    def get(self, kind: str, name: str) -> Component:
+        known = self.components[kind]
+        if name in known:
+            return known[name]
+        message = f"unknown {kind} {name!r}; installed: {', '.join(sorted(known)) or 'none'}"
+        close = difflib.get_close_matches(name, list(known), n=1)
+        if close:
+            message += f" (did you mean {close[0]!r}?)"
+        if self.failed:
+            message += "; plugins that failed to load: " + "; ".join(
+                f"{plugin}: {error}" for plugin, error in self.failed.items()
+            )
+        raise UnknownComponentError(message)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.components[kind])
+
+    def all(self) -> list[Component]:
+        return [c for kind in KINDS for c in sorted(self.components[kind].values(), key=lambda c: c.name)]
+
+
+def get_plugin_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
+    """A fresh manager with the built-ins and (unless disabled) the installed third-party plugins.
+
+    A third-party plugin that fails to import is reported with a warning and skipped, so one
+    broken package never takes the toolkit down; `Registry.failed` keeps the error for later.
+    """
+    pm = pluggy.PluginManager("tdlm")
+    pm.add_hookspecs(hookspecs)
+    for module_name in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(module_name), name=module_name)
+    pm.failed_plugins = {}
+    if entry_points:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if pm.get_plugin(ep.name) is not None:
+                continue
+            try:
+                pm.register(ep.load(), name=ep.name)
+            except Exception as exc:  # noqa: BLE001 - any import error of a foreign package
+                dist = ep.dist.name if ep.dist else "?"
+                error = f"{type(exc).__name__}: {exc}"
+                pm.failed_plugins[ep.name] = error
+                warnings.warn(
+                    f"tdlm plugin {ep.name!r} (package {dist}) failed to load and was skipped: "
+                    f"{error}. Fix or uninstall that package (`pip uninstall {dist}`).",
+                    stacklevel=2,
+                )
+                continue
+            pm.plugin_distinfo = getattr(pm, "plugin_distinfo", {})
+            pm.plugin_distinfo[ep.name] = ep.dist
+    try:
+        pm.check_pending()  # a misspelt hook function is an error, not silence
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"{exc} (hooks tdlm knows: {', '.join(_HOOK_OF_KIND.values())})") from exc
+    return pm
+
+
+def _origin(pm: pluggy.PluginManager, plugin_name: str) -> tuple[str, str]:
+    dist = getattr(pm, "plugin_distinfo", {}).get(plugin_name)
+    if dist is not None:
+        return dist.name, dist.version
+    return "tdlm", __version__
+
+
+def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
+    """Call every plugin's hooks one plugin at a time, so each component knows who registered it."""
+    pm = pm or get_plugin_manager()
+    registry = Registry(failed=dict(getattr(pm, "failed_plugins", {})))
+    for kind, hook_name in _HOOK_OF_KIND.items():
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            package, version = _origin(pm, impl.plugin_name)
+
+            def register(name: str, cls: type, *, _impl=impl, _kind=kind, _pkg=package, _ver=version):
+                registry.add(Component(_kind, name, cls, _impl.plugin_name, _pkg, _ver))
+
+            try:
+                impl.function(register=register)
+            except PluginError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} ({package}) failed in {hook_name}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+    return registry

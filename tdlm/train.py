@@ -1,0 +1,295 @@
+"""The training loop: data -> corruption -> model -> objective -> step -> eval -> sample.
+
+`Trainer.fit` is the whole loop; each thing it does is a named method below it. The batch of
+global step s and the noise of step s are pure functions of (seed, s), so a resumed run
+continues exactly where an uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tdlm import checkpoint as ckpt
+from tdlm.config import RecipeError, RunConfig
+from tdlm.data import BatchStream, load_corpus, pack
+from tdlm.evaluate import evaluate
+from tdlm.lm import build_model
+from tdlm.monitor import RunLogger, read_metrics
+from tdlm.optim import build_optimizer, lr_at
+from tdlm.runs import vocab_info, write_run_files
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
+    """The noise (t and masks) of one step: a pure function of (seed, step, rank)."""
+    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 4099 + rank) % 2**63)
+
+
+def mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None):
+        from accelerate import Accelerator
+
+        self.cfg, self.tc, self.stop_at = cfg, cfg.training, stop_at
+        self.accelerator = acc = Accelerator(mixed_precision=mixed_precision(self.tc.mixed_precision))
+        self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
+        self._check_run_dir(resume)
+        self.corpus = load_corpus(cfg.data, progress=cfg.logging.progress and acc.is_main_process)
+        self.vocab = self.corpus.vocab
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
+        self.built = build_model(cfg, components, vocab_info(self.vocab))
+        self.train_seqs, _ = pack(self.corpus.splits["train"], cfg.data.seq_len)
+        self.valid_seqs, _ = pack(self.corpus.splits["valid"], cfg.data.seq_len)
+        self.stream = BatchStream(self.train_seqs, self.tc.batch_size, cfg.run.seed,
+                                  rank=acc.process_index, world_size=acc.num_processes)
+        self.total_steps = self.tc.max_steps or math.ceil(self.tc.epochs * self.stream.batches_per_epoch)
+        per_rank = self.tc.batch_size // acc.num_processes
+        self.micro = self.tc.micro_batch_size or per_rank
+        if per_rank % self.micro:
+            raise RecipeError(f"training.micro_batch_size ({self.micro}) must divide the per-process batch ({per_rank})")
+        model = self.built.model
+        if self.tc.compile:
+            model.net.compile()  # in place: state_dict keys stay the same
+        self.optimizer = build_optimizer(model, self.tc)
+        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        self.step, self.best = 0, math.inf
+        if resume:
+            self._resume()
+        elif acc.is_main_process:
+            write_run_files(self.run_dir, cfg, components)
+        self.logger = RunLogger(self.run_dir, tensorboard=cfg.logging.tensorboard, enabled=acc.is_main_process)
+        self.stop_requested = False
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        acc, tc = self.accelerator, self.tc
+        self._announce()
+        handlers = self._catch_signals()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.logging.progress and acc.is_main_process),
+                   desc=self.cfg.run.name, dynamic_ncols=True)
+        running, window_start, window_steps = torch.zeros((), device=acc.device), time.perf_counter(), 0
+        try:
+            while self.step < self.total_steps:
+                running += self.train_step()
+                self.step += 1
+                window_steps += 1
+                bar.update(1)
+                at_eval = self.step % tc.eval_every == 0 or self.step == self.total_steps
+                at_ckpt = at_eval or (tc.checkpoint_every and self.step % tc.checkpoint_every == 0)
+                stopping = self.stop_requested or self.step == self.stop_at
+                if self.step % tc.log_every == 0 or at_ckpt or stopping:
+                    rate = window_steps * tc.batch_size * self.cfg.data.seq_len / (time.perf_counter() - window_start)
+                    self.log_train(running / window_steps, rate, bar)
+                    running, window_start, window_steps = running.zero_(), time.perf_counter(), 0
+                if at_eval:
+                    self.evaluate_and_sample()
+                if at_ckpt or stopping:
+                    self.save()
+                if stopping:
+                    return self.finish("stopped", bar)
+            return self.finish("finished", bar)
+        finally:
+            bar.close()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            self.logger.close()
+
+    def train_step(self) -> torch.Tensor:
+        acc, model = self.accelerator, self.model
+        lr = lr_at(self.step, self.total_steps, self.tc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.stream.get(self.step).to(acc.device)
+        generator = step_generator(self.cfg.run.seed, self.step, acc.process_index, acc.device)
+        micro_batches = batch.split(self.micro)
+        total = torch.zeros((), device=acc.device)
+        for i, micro in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1  # all-reduce gradients once, on the last micro-batch
+            with acc.no_sync(model) if not sync else contextlib.nullcontext():
+                loss, _ = model(micro, generator)
+                acc.backward(loss / len(micro_batches))
+            total += loss.detach() / len(micro_batches)
+        self.grad_norm = acc.clip_grad_norm_(model.parameters(), self.tc.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    # -- what the loop calls -----------------------------------------------------------------
+    def log_train(self, loss: torch.Tensor, tokens_per_s: float, bar) -> None:
+        loss = self.accelerator.reduce(loss, reduction="mean").item()  # the host sync of a window
+        if not math.isfinite(loss):
+            last = self._last_good()
+            raise TrainingDiverged(
+                f"training loss became {loss} by step {self.step}; stopped. The last good checkpoint "
+                f"({last}) is kept. Try a lower training.lr, more training.warmup_steps or training.grad_clip."
+            )
+        metrics = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                   "grad_norm": float(self.grad_norm), "tokens_per_s": tokens_per_s,
+                   "epoch": self.stream.epoch_of(self.step)}
+        self.logger.log(self.step, metrics, "train")
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+
+    def evaluate_and_sample(self, *, sequences: int | None = -1, split: str = "valid") -> dict | None:
+        acc = self.accelerator
+        result = None
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            limit = self.tc.eval_sequences if sequences == -1 else sequences
+            seqs = self.valid_seqs[:limit] if limit else self.valid_seqs
+            result = evaluate(model, seqs, num_bytes=self.corpus.num_bytes, t_samples=self.cfg.eval.t_samples,
+                              batch_size=self.cfg.eval.batch_size, seed=self.cfg.eval.seed, device=acc.device,
+                              split=split)
+            self.logger.log(self.step, _scalars(result), "val")
+            for b in result.get("t_buckets", []):
+                if b["masked_ce"] is not None:
+                    self.logger.log(self.step, {f"masked_ce_t{b['t'][0]:.1f}": b["masked_ce"]}, "val_by_t")
+            self.last_val = result
+            self.samples = self.sample_text(model)
+            for i, text in enumerate(self.samples):
+                self.logger.text(self.step, f"sample/{i}", text)
+            self.is_best = result["nll_per_token"] < self.best
+            self.best = min(self.best, result["nll_per_token"])
+        acc.wait_for_everyone()
+        return result
+
+    def sample_text(self, model, num: int | None = None) -> list[str]:
+        num = self.cfg.eval.sample_num if num is None else num
+        if num == 0:
+            return []
+        canvas = torch.full((num, self.cfg.data.seq_len), self.vocab.mask_id, device=self.accelerator.device)
+        generator = torch.Generator(device=self.accelerator.device).manual_seed(self.cfg.eval.seed)
+        model.eval()
+        out = self.built.sampler.sample(model.net, canvas, generator)
+        model.train()
+        return [self.vocab.decode(row.tolist()) for row in out.tokens]
+
+    def save(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": self.step, "best": self.best, "optimizer": self.optimizer.state_dict(),
+                     "rng": ckpt.rng_state(), "pointer_info": {"val_nll": getattr(self, "last_val", {}).get("nll_per_token")}}
+            pointers = ("last", "best") if getattr(self, "is_best", False) else ("last",)
+            ckpt.save_checkpoint(self.run_dir, self.step, acc.unwrap_model(self.model), state, pointers=pointers)
+            self.is_best = False
+        acc.wait_for_everyone()
+
+    def finish(self, status: str, bar) -> dict:
+        """Score the best checkpoint on the full valid and test splits and write summary.json."""
+        acc = self.accelerator
+        bar.close()
+        summary = {"status": status, "step": self.step, "total_steps": self.total_steps,
+                   "tokens_seen": self.step * self.tc.batch_size * self.cfg.data.seq_len,
+                   "parameters": self.built.model.net.num_parameters(),
+                   "non_embedding_parameters": self.built.model.net.num_parameters(non_embedding=True),
+                   "device": _device_name(acc.device), "processes": acc.num_processes,
+                   "wall_time_s": time.perf_counter() - self.started}
+        if status == "finished" and acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            best_dir = ckpt.checkpoint_dir(self.run_dir, "best")
+            ckpt.load_weights(model, best_dir)
+            summary["checkpoint"] = best_dir.name
+            for split in ("valid", "test"):
+                seqs, tail = pack(self.corpus.splits[split], self.cfg.data.seq_len)
+                summary[split] = evaluate(model, seqs, tail, num_bytes=self.corpus.num_bytes,
+                                          t_samples=self.cfg.eval.t_samples, batch_size=self.cfg.eval.batch_size,
+                                          seed=self.cfg.eval.seed, device=acc.device, split=split,
+                                          progress=self.cfg.logging.progress)
+                self.logger.log(self.step, _scalars(summary[split]), f"final_{split}")
+            summary["samples"] = self.sample_text(model)
+            summary["wall_time_s"] = time.perf_counter() - self.started
+        if acc.is_main_process:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        acc.wait_for_everyone()
+        return summary
+
+    # -- set-up helpers ----------------------------------------------------------------------
+    def _check_run_dir(self, resume: bool) -> None:
+        pointer = self.run_dir / "checkpoints" / "last.json"
+        if resume and not pointer.exists():
+            raise RecipeError(f"--resume: no checkpoint to resume in {self.run_dir} (looked for {pointer})")
+        if not resume and (self.run_dir / "config.json").exists():
+            raise RecipeError(
+                f"run directory {self.run_dir} already holds a run; continue it with --resume, "
+                f"or start a new one with --set run.name=<new name> (nothing was overwritten)"
+            )
+
+    def _resume(self) -> None:
+        path = ckpt.checkpoint_dir(self.run_dir, "last")
+        ckpt.load_weights(self.accelerator.unwrap_model(self.model), path)
+        state = ckpt.load_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.set_rng_state(state["rng"])
+        self.step, self.best = state["step"], state["best"]
+        if self.accelerator.is_main_process:  # drop records the interrupted run wrote after this checkpoint
+            kept = [r for r in read_metrics(self.run_dir) if r["step"] <= self.step]
+            (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def _announce(self) -> None:
+        self.started = time.perf_counter()
+        if self.accelerator.is_main_process:
+            net = self.built.model.net
+            tqdm.write(
+                f"tdlm: {self.cfg.run.name} -> {self.run_dir} | {self.cfg.objective.name} objective | "
+                f"{net.num_parameters():,} parameters ({net.num_parameters(non_embedding=True):,} non-embedding) | "
+                f"vocab {self.vocab.size:,} | {len(self.train_seqs):,} train sequences of {self.cfg.data.seq_len} | "
+                f"{self.total_steps:,} steps ({self.total_steps / self.stream.batches_per_epoch:.2f} epochs) | "
+                f"{self.accelerator.num_processes} process(es) on {_device_name(self.accelerator.device)}"
+                + (f" | resuming at step {self.step}" if self.step else "")
+            )
+
+    def _catch_signals(self) -> dict:
+        """SIGINT/SIGTERM finish the current step, save a checkpoint and stop (resume later)."""
+
+        def request_stop(signum, frame):
+            if self.stop_requested:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            tqdm.write(f"tdlm: {signal.Signals(signum).name} received; saving a checkpoint after this step")
+
+        handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                handlers[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not in the main thread
+                pass
+        return handlers
+
+    def _last_good(self) -> str:
+        try:
+            return str(ckpt.checkpoint_dir(self.run_dir, "last"))
+        except FileNotFoundError:
+            return "none was written yet"
+
+
+def _scalars(result: dict) -> dict:
+    keys = ("nll_per_token", "ppl", "bits_per_byte", "stderr", "masked_accuracy", "next_token_accuracy")
+    return {k: result[k] for k in keys if k in result}
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def train(cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None) -> dict:
+    return Trainer(cfg, components, resume=resume, stop_at=stop_at).fit()
