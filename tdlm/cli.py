@@ -67,7 +67,7 @@ def run(recipe, overrides, resume, stop_at, check):
         return
     click.echo(f"\n{cfg.run.name}: {summary['step']} steps, {summary['tokens_seen']:,} tokens, "
                f"{summary['wall_time_s']:.0f} s on {summary['device']} (scored: {summary['checkpoint']})")
-    for split in ("valid", "test"):
+    for split in cfg.eval.final_splits:
         click.echo(format_result(summary[split]))
     for i, text in enumerate(summary.get("samples", [])[:1]):
         click.echo(f"\nsample {i}:\n{text}")

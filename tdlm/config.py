@@ -72,6 +72,8 @@ class EvalConfig(Section):
     """Fixed seed of the evaluation's mask draws, so a score is reproducible."""
     sample_num: int = Field(2, ge=0)
     """Text samples written at each eval."""
+    final_splits: list[Literal["valid", "test"]] = ["valid", "test"]
+    """Splits the best checkpoint is scored on, in full, when training ends."""
 
 
 class LoggingConfig(Section):

@@ -75,6 +75,7 @@ class Trainer:
             write_run_files(self.run_dir, cfg, components)
         self.logger = RunLogger(self.run_dir, tensorboard=cfg.logging.tensorboard, enabled=acc.is_main_process)
         self.stop_requested = False
+        self.window_stats: dict[str, torch.Tensor] = {}
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -122,9 +123,11 @@ class Trainer:
         for i, micro in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1  # all-reduce gradients once, on the last micro-batch
             with acc.no_sync(model) if not sync else contextlib.nullcontext():
-                loss, _ = model(micro, generator)
+                loss, stats = model(micro, generator)
                 acc.backward(loss / len(micro_batches))
             total += loss.detach() / len(micro_batches)
+            for key, value in stats.items():  # summed on the device; read at the next log step
+                self.window_stats[key] = self.window_stats.get(key, 0) + value
         self.grad_norm = acc.clip_grad_norm_(model.parameters(), self.tc.grad_clip or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -143,6 +146,12 @@ class Trainer:
                    "grad_norm": float(self.grad_norm), "tokens_per_s": tokens_per_s,
                    "epoch": self.stream.epoch_of(self.step)}
         self.logger.log(self.step, metrics, "train")
+        if "bucket_loss" in self.window_stats:  # the NELBO integrand per token by t, this window
+            sums = self.accelerator.reduce(self.window_stats["bucket_loss"], reduction="sum").tolist()
+            counts = self.accelerator.reduce(self.window_stats["bucket_count"], reduction="sum").tolist()
+            self.logger.log(self.step, {f"loss_t{i / len(sums):.1f}": s / c
+                                        for i, (s, c) in enumerate(zip(sums, counts)) if c}, "train_by_t")
+        self.window_stats = {}
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
 
     def evaluate_and_sample(self, *, sequences: int | None = -1, split: str = "valid") -> dict | None:
@@ -156,9 +165,10 @@ class Trainer:
                               batch_size=self.cfg.eval.batch_size, seed=self.cfg.eval.seed, device=acc.device,
                               split=split)
             self.logger.log(self.step, _scalars(result), "val")
-            for b in result.get("t_buckets", []):
-                if b["masked_ce"] is not None:
-                    self.logger.log(self.step, {f"masked_ce_t{b['t'][0]:.1f}": b["masked_ce"]}, "val_by_t")
+            by_t = {f"masked_ce_t{b['t'][0]:.1f}": b["masked_ce"]
+                    for b in result.get("t_buckets", []) if b["masked_ce"] is not None}
+            if by_t:
+                self.logger.log(self.step, by_t, "val_by_t")
             self.last_val = result
             self.samples = self.sample_text(model)
             for i, text in enumerate(self.samples):
@@ -205,7 +215,7 @@ class Trainer:
             best_dir = ckpt.checkpoint_dir(self.run_dir, "best")
             ckpt.load_weights(model, best_dir)
             summary["checkpoint"] = best_dir.name
-            for split in ("valid", "test"):
+            for split in self.cfg.eval.final_splits:
                 seqs, tail = pack(self.corpus.splits[split], self.cfg.data.seq_len)
                 summary[split] = evaluate(model, seqs, tail, num_bytes=self.corpus.num_bytes,
                                           t_samples=self.cfg.eval.t_samples, batch_size=self.cfg.eval.batch_size,
