@@ -1,0 +1,89 @@
+"""Every shipped recipe validates, and bad recipes fail early with a one-line error (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tdlm.cli import cli
+from tdlm.config import RecipeError, apply_overrides, parse_override, read_recipe, resolve_components
+from tdlm.plugins import build_registry
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").rglob("*.toml"))
+
+
+def test_recipes_are_found():
+    names = {path.name for path in RECIPES}
+    assert {"tiny_wikitext2.toml", "tiny_wikitext2_ar.toml", "quick_wikitext2.toml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_recipe_validates(recipe):
+    cfg = read_recipe(recipe)
+    components = resolve_components(cfg, build_registry())
+    assert set(components) == {"schedule", "corruption", "objective", "sampler"}
+
+
+def test_the_tiny_pair_differs_only_in_the_objective_and_sampler():
+    diffusion = read_recipe(ROOT / "recipes/tiny_wikitext2.toml").model_dump()
+    ar = read_recipe(ROOT / "recipes/tiny_wikitext2_ar.toml").model_dump()
+    differing = {key for key in diffusion if diffusion[key] != ar[key]}
+    assert differing == {"run", "objective", "sampler"}
+    assert diffusion["run"]["seed"] == ar["run"]["seed"] == 42
+    seed_settings = {"n_layers": 2, "d_model": 64, "n_heads": 4}
+    assert {k: diffusion["model"][k] for k in seed_settings} == seed_settings
+    assert diffusion["data"]["seq_len"] == 128 and diffusion["data"]["tokenizer"] == "gpt2"
+    assert diffusion["training"]["batch_size"] == 64 and diffusion["training"]["epochs"] == 5
+    assert diffusion["training"]["lr"] == 3e-4
+
+
+def test_the_seed_model_has_about_6_54m_parameters():
+    from tdlm.model import Transformer
+
+    cfg = read_recipe(ROOT / "recipes/tiny_wikitext2.toml")
+    net = Transformer(cfg.model, vocab_size=50257, max_len=cfg.data.seq_len, causal=False)
+    assert round(net.num_parameters() / 1e6, 2) == 6.54
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.max_step=3", "unknown key 'training.max_step' (did you mean 'max_steps'?)"),
+        ("corruption.name=unifrom", "unknown corruption 'unifrom'"),
+        ("sampler.stepz=3", "unknown key 'sampler.stepz' (did you mean 'steps'?)"),
+        ("training.lr=abc", "training.lr: Input should be a valid number"),
+        ("model.positions=alibi", "model.positions"),
+        ("data.tokenizer=sentencepiece", "unknown tokenizer 'sentencepiece'"),
+        ("bogus.x=1", "unknown key 'bogus'"),
+    ],
+)
+def test_bad_recipe_is_one_line_error_with_exit_code_2(override, message):
+    result = CliRunner().invoke(cli, ["run", str(ROOT / "recipes/quick_wikitext2.toml"), "--set", override, "--check"])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert result.output.count("\n") == 1  # one line
+
+
+def test_missing_recipe_file():
+    result = CliRunner().invoke(cli, ["run", "no/such/recipe.toml"])
+    assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_overrides_are_typed_and_nested():
+    assert parse_override("training.max_steps=20") == (["training", "max_steps"], 20)
+    assert parse_override("training.lr=1e-3") == (["training", "lr"], 1e-3)
+    assert parse_override("corruption.name=uniform") == (["corruption", "name"], "uniform")
+    assert parse_override("training.betas=[0.9, 0.95]") == (["training", "betas"], [0.9, 0.95])
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=2", "d.e=true"]) == {"a": {"b": 1, "c": 2}, "d": {"e": True}}
+    with pytest.raises(RecipeError):
+        parse_override("no-equals-sign")
+
+
+def test_check_prints_the_resolved_recipe_with_component_defaults():
+    result = CliRunner().invoke(cli, ["run", str(ROOT / "recipes/quick_wikitext2.toml"), "--check"])
+    assert result.exit_code == 0
+    assert "[objective]\nname = \"diffusion\"\nt_eps = 0.001" in result.output
+    assert "[sampler]\nname = \"ancestral\"" in result.output
