@@ -114,10 +114,9 @@ def format_result(result: dict) -> str:
         f" | {result['bits_per_byte']:.4f} bits/byte | {result['tokens']:,} tokens"
     ]
     if "mc_stderr" in result:
-        lines.append(
-            f"  {result['t_samples']} t-samples/sequence, Monte Carlo stderr {result['mc_stderr']:.4f};"
-            f" masked-token accuracy {result['masked_accuracy']:.3f}"
-        )
+        lines.append(f"  {result['t_samples']} t-samples/sequence, Monte Carlo stderr {result['mc_stderr']:.4f}")
+    if "t_buckets" in result:  # only objectives that return the bucket_* extras
+        lines[-1] += f"; masked-token accuracy {result['masked_accuracy']:.3f}"
         cells = [
             f"{b['t'][0]:.1f}-{b['t'][1]:.1f}: {b['masked_ce']:.2f}"
             for b in result["t_buckets"] if b["masked_ce"] is not None

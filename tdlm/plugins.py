@@ -117,6 +117,13 @@ def get_plugin_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
     if entry_points:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if pm.get_plugin(ep.name) is not None:
+                dist = ep.dist.name if ep.dist else "?"
+                pm.failed_plugins[f"{ep.name} ({dist})"] = f"entry-point name {ep.name!r} is taken by another plugin"
+                warnings.warn(
+                    f"tdlm plugin {ep.name!r} of package {dist} was skipped: another plugin already uses "
+                    f"that entry-point name. Uninstall one of the two packages.",
+                    stacklevel=2,
+                )
                 continue
             try:
                 pm.register(ep.load(), name=ep.name)

@@ -52,7 +52,12 @@ def write_run_files(run_dir: Path, cfg: RunConfig, components: dict) -> None:
     resolved = resolved_dict(cfg, components)
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
     (run_dir / "config.toml").write_text(to_toml(resolved))
-    (run_dir / "environment.json").write_text(json.dumps(environment_info(), indent=2))
+    environment = environment_info()
+    environment["components"] = {  # which package (and version) provided each component
+        kind: {"name": c.name, "plugin": c.plugin, "package": c.package, "version": c.version}
+        for kind, (c, _) in components.items()
+    }
+    (run_dir / "environment.json").write_text(json.dumps(environment, indent=2))
 
 
 def read_run_config(run_dir: Path) -> RunConfig:

@@ -61,6 +61,8 @@ def test_run_writes_everything_a_user_and_a_script_need(tmp_path, corpus, object
     assert resolved(run_dir / "config.toml") == resolved(recipe)
     env = json.loads((run_dir / "environment.json").read_text())
     assert "torch" in env["versions"] and "git_commit" in env
+    assert env["components"]["objective"] == {"name": objective, "plugin": f"tdlm_plugins.{objective}",
+                                              "package": "tdlm", "version": env["versions"]["tdlm"]}
     assert "test: " in result.output and "sample 0:" in result.output
 
 
