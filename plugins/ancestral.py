@@ -28,13 +28,15 @@ class AncestralSampler(Sampler):
         temperature: float = Field(1.0, gt=0.0)
 
     @torch.no_grad()
-    def sample(self, net, canvas, generator):
+    def sample(self, net, canvas, generator, *, positions=None):
         mask_id, batch = self.vocab.mask_id, canvas.shape[0]
         corruption = self.objective.corruption
         grid = time_grid(self.config.steps, self.config.grid, canvas.device)
         x, nfe, probs = canvas.clone(), 0, None
         for i in range(self.config.steps):
             masked = x == mask_id
+            if positions is not None:
+                masked &= positions
             if not masked.any():
                 break
             if probs is None:  # the denoiser ignores t, so an unchanged x_t needs no new call

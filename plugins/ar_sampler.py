@@ -27,13 +27,15 @@ class AutoregressiveSampler(Sampler):
         top_p: float | None = Field(None, gt=0.0, le=1.0)
 
     @torch.no_grad()
-    def sample(self, net, canvas, generator):
+    def sample(self, net, canvas, generator, *, positions=None):
         mask_id = self.vocab.mask_id
         x = canvas.clone()
         inputs = torch.cat([torch.full_like(x[:, :1], self.vocab.bos_id), x], dim=1)
         nfe = 0
         for j in range(x.shape[1]):
             to_fill = x[:, j] == mask_id
+            if positions is not None:
+                to_fill &= positions[:, j]
             if not to_fill.any():
                 continue
             logits = net(inputs[:, : j + 1])[:, -1].double() / self.config.temperature

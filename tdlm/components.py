@@ -13,7 +13,7 @@ eval (objective.score) -> sample (sampler, uses the corruption's reverse kernel)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -35,6 +35,8 @@ class VocabInfo:
     size: int  # V, real tokens
     mask_id: int  # == size
     bos_id: int  # BOS / end-of-text id, a real token
+    token_counts: Any = field(default=None, compare=False, repr=False)
+    """np.ndarray [V]: how often each token occurs in the train split (None when unknown)."""
 
 
 class Schedule:
@@ -152,6 +154,8 @@ class Sampler:
 
     `canvas` [B, L] holds prompt / template tokens, and `vocab.mask_id` where tokens are to be
     generated. Tokens that are not masked in the canvas must come back unchanged.
+    `positions` (bool [B, L], optional) limits which masked positions may be committed in this
+    call; the others stay masked but are still seen by the network (semi-autoregressive blocks).
     """
 
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
@@ -160,7 +164,9 @@ class Sampler:
         self.config, self.objective, self.vocab = config, objective, vocab
 
     @torch.no_grad()
-    def sample(self, net: nn.Module, canvas: Tensor, generator: torch.Generator) -> SampleOutput:
+    def sample(
+        self, net: nn.Module, canvas: Tensor, generator: torch.Generator, *, positions: Tensor | None = None
+    ) -> SampleOutput:
         raise NotImplementedError
 
 

@@ -10,12 +10,17 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
 from tdlm.components import VocabInfo
 from tdlm.config import RecipeError, RunConfig, resolve_components, resolved_dict, to_toml
 
 
-def vocab_info(vocab) -> VocabInfo:
-    return VocabInfo(size=vocab.size, mask_id=vocab.mask_id, bos_id=vocab.bos_id)
+def vocab_info(corpus) -> VocabInfo:
+    """The vocabulary facts components get, with the train split's token counts."""
+    vocab = corpus.vocab
+    counts = np.bincount(corpus.splits["train"], minlength=vocab.size)[: vocab.size]
+    return VocabInfo(size=vocab.size, mask_id=vocab.mask_id, bos_id=vocab.bos_id, token_counts=counts)
 
 
 def environment_info() -> dict:
@@ -99,7 +104,7 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
         cfg = RunConfig.model_validate(raw)
         components = resolve_components(cfg, registry)
     corpus = load_corpus(cfg.data, progress=progress)
-    built = build_model(cfg, components, vocab_info(corpus.vocab))
+    built = build_model(cfg, components, vocab_info(corpus))
     path = checkpoint_dir(run_dir, which)
     load_weights(built.model, path)
     built.model.to(device).eval()
