@@ -53,7 +53,7 @@ class Trainer:
         self.corpus = load_corpus(cfg.data, progress=cfg.logging.progress and acc.is_main_process)
         self.vocab = self.corpus.vocab
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
-        self.built = build_model(cfg, components, vocab_info(self.vocab))
+        self.built = build_model(cfg, components, vocab_info(self.corpus))
         self.train_seqs, _ = pack(self.corpus.splits["train"], cfg.data.seq_len)
         self.valid_seqs, _ = pack(self.corpus.splits["valid"], cfg.data.seq_len)
         self.stream = BatchStream(self.train_seqs, self.tc.batch_size, cfg.run.seed,
@@ -116,7 +116,10 @@ class Trainer:
         lr = lr_at(self.step, self.total_steps, self.tc)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.stream.get(self.step).to(acc.device)
+        batch = self.stream.get(self.step)
+        if acc.device.type == "cuda":  # from pageable memory, .to(cuda) waits for the GPU to finish the last step
+            batch = batch.pin_memory()
+        batch = batch.to(acc.device, non_blocking=True)
         generator = step_generator(self.cfg.run.seed, self.step, acc.process_index, acc.device)
         micro_batches = batch.split(self.micro)
         total = torch.zeros((), device=acc.device)
