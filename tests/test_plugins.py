@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from toydata import toy_recipe, write_toy_corpus
 
 from tdlm import hookimpl
 from tdlm.cli import cli
@@ -309,61 +310,12 @@ def test_installed_plugin_is_listed(installed_fixed_count, tmp_path):
     assert listing["failed"] == {}
 
 
-def write_text_corpus(folder: Path) -> None:
-    """A few KB of generated text in train.txt / valid.txt / test.txt."""
-    words = ("the cat dog sat on a mat and ran to see bird tree house over under red blue green "
-             "small big fast slow one two three when where why it is was").split()
-    generator = torch.Generator().manual_seed(0)
-    folder.mkdir()
-    for split, lines in (("train", 300), ("valid", 40), ("test", 40)):
-        text = []
-        for _ in range(lines):
-            size = int(torch.randint(4, 12, (1,), generator=generator))
-            picks = torch.randint(0, len(words), (size,), generator=generator)
-            text.append(" ".join(words[i] for i in picks) + " .")
-        (folder / f"{split}.txt").write_text("\n".join(text) + "\n")
-
-
 def test_installed_plugin_trains_from_a_recipe(installed_fixed_count, tmp_path):
-    write_text_corpus(tmp_path / "corpus")
-    recipe = tmp_path / "fixed.toml"
-    recipe.write_text(textwrap.dedent(f"""
-        [run]
-        out_dir = "{tmp_path / 'runs'}"
-
-        [data]
-        dataset = "text"
-        path = "{tmp_path / 'corpus'}"
-        tokenizer = "bpe"
-        bpe_vocab_size = 300
-        seq_len = 32
-
-        [model]
-        n_layers = 1
-        d_model = 32
-        n_heads = 2
-
-        [corruption]
-        name = "fixed-count"
-
-        [sampler]
-        name = "ancestral"
-        steps = 8
-
-        [training]
-        batch_size = 8
-        max_steps = 4
-        eval_every = 4
-
-        [eval]
-        t_samples = 2
-        sample_num = 1
-
-        [logging]
-        progress = false
-        tensorboard = false
-    """))
-    result = tdlm(["run", str(recipe)], pythonpath=installed_fixed_count, cwd=tmp_path)
+    corpus = write_toy_corpus(tmp_path / "corpus")
+    extra = '[corruption]\nname = "fixed-count"\n\n[sampler]\nname = "ancestral"\nsteps = 8\n'
+    recipe = toy_recipe(tmp_path / "fixed.toml", corpus, tmp_path / "runs", extra=extra)
+    result = tdlm(["run", str(recipe), "--set", "training.max_steps=4", "--set", "logging.tensorboard=false"],
+                  pythonpath=installed_fixed_count, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = tmp_path / "runs" / "fixed"
     summary = json.loads((run_dir / "summary.json").read_text())
