@@ -1,6 +1,5 @@
 """Ancestral sampling (random remasking) over a time grid 1 = t_0 > ... > t_T = 0 (MATH.md 5)."""
 
-import math
 from typing import Literal
 
 import torch
@@ -8,16 +7,7 @@ from pydantic import Field
 
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig, SampleOutput, Sampler, sample_categorical
-
-
-def time_grid(steps: int, kind: str, device=None) -> torch.Tensor:
-    """steps + 1 times from 1 down to 0: uniform, or cosine t(i) = cos^2(pi/2 * i / T)."""
-    i = torch.arange(steps + 1, dtype=torch.float64, device=device) / steps
-    if kind == "uniform":
-        return 1.0 - i
-    if kind == "cosine":
-        return torch.cos(0.5 * math.pi * i) ** 2
-    raise ValueError(f"unknown time grid {kind!r}; use 'uniform' or 'cosine'")
+from tdlm.grids import time_grid
 
 
 class AncestralSampler(Sampler):

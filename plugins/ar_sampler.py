@@ -25,17 +25,26 @@ class AutoregressiveSampler(Sampler):
         temperature: float = Field(1.0, gt=0.0)
         top_k: int | None = Field(None, ge=1)
         top_p: float | None = Field(None, gt=0.0, le=1.0)
+        stop_at_eos: bool = False
+        """Once a row has generated <|endoftext|> (vocab.bos_id), fill the rest of that masked span
+        with it without asking the model, and make no call for a column where no row needs one.
+        `tdlm sample --stop-at-eos` sets it."""
 
     @torch.no_grad()
     def sample(self, net, canvas, generator, *, positions=None):
-        mask_id = self.vocab.mask_id
+        mask_id, eos_id = self.vocab.mask_id, self.vocab.bos_id
         x = canvas.clone()
         inputs = torch.cat([torch.full_like(x[:, :1], self.vocab.bos_id), x], dim=1)
+        ended = torch.zeros_like(x[:, 0], dtype=torch.bool)  # the row's current span has its EOS
         nfe = 0
         for j in range(x.shape[1]):
-            to_fill = x[:, j] == mask_id
-            if positions is not None:
-                to_fill &= positions[:, j]
+            masked = x[:, j] == mask_id
+            to_fill = masked if positions is None else masked & positions[:, j]
+            if self.config.stop_at_eos:
+                ended &= masked  # a given token ends the span; the next span starts afresh
+                x[:, j] = torch.where(to_fill & ended, eos_id, x[:, j])
+                inputs[:, j + 1] = x[:, j]
+                to_fill &= ~ended
             if not to_fill.any():
                 continue
             logits = net(inputs[:, : j + 1])[:, -1].double() / self.config.temperature
@@ -43,6 +52,7 @@ class AutoregressiveSampler(Sampler):
             probs = filter_probs(torch.softmax(logits, -1), self.config.top_k, self.config.top_p)
             x[:, j] = torch.where(to_fill, sample_categorical(probs, generator), x[:, j])
             inputs[:, j + 1] = x[:, j]
+            ended |= to_fill & (x[:, j] == eos_id)
         return SampleOutput(tokens=x, nfe=nfe)
 
 

@@ -147,6 +147,9 @@ class Objective(nn.Module):
 class SampleOutput:
     tokens: Tensor  # [B, L] long, no mask ids left
     nfe: int  # number of denoiser calls (network function evaluations)
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Optional sampler-specific counters, e.g. the speculative samplers' draft calls and
+    acceptance rate (`nfe` stays the number of sequential calls of the net being sampled)."""
 
 
 class Sampler:

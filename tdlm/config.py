@@ -212,7 +212,7 @@ def resolved_dict(cfg: RunConfig, components: dict) -> dict:
 
 
 def to_toml(data: dict) -> str:
-    """A small TOML writer for resolved configs (tables of scalars and lists only)."""
+    """A small TOML writer for resolved configs (tables of scalars, lists and inline tables)."""
 
     def scalar(value):
         if isinstance(value, bool):
@@ -221,6 +221,8 @@ def to_toml(data: dict) -> str:
             return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if isinstance(value, (list, tuple)):
             return "[" + ", ".join(scalar(v) for v in value) + "]"
+        if isinstance(value, dict):  # an inline table, e.g. semi-ar's inner_options
+            return "{" + ", ".join(f"{scalar(str(k))} = {scalar(v)}" for k, v in value.items() if v is not None) + "}"
         return repr(value)
 
     lines = []

@@ -25,10 +25,16 @@ _HOOK_OF_KIND = {kind: f"register_{kind}s" for kind in KINDS}
 BUILTIN_PLUGINS = (
     "tdlm_plugins.schedules",
     "tdlm_plugins.uniform",
+    "tdlm_plugins.state_dependent",
+    "tdlm_plugins.cart",
     "tdlm_plugins.diffusion",
     "tdlm_plugins.ar",
     "tdlm_plugins.ancestral",
     "tdlm_plugins.ar_sampler",
+    "tdlm_plugins.remasking",
+    "tdlm_plugins.semi_ar",
+    "tdlm_plugins.speculative",
+    "tdlm_plugins.ar_speculative",
 )
 
 

@@ -99,8 +99,12 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
     components = resolve_components(cfg, registry)
     if sampler is not None:
         name, options = sampler
+        recipe_sampler, recipe_options = components["sampler"]
+        name = name or recipe_sampler.name
+        # the same sampler keeps the recipe's options unless overridden; another starts from its defaults
+        base = recipe_options.model_dump() if name == recipe_sampler.name else {}
         raw = cfg.model_dump()
-        raw["sampler"] = {"name": name or components["sampler"][0].name, **options}
+        raw["sampler"] = {"name": name, **base, **options}
         cfg = RunConfig.model_validate(raw)
         components = resolve_components(cfg, registry)
     corpus = load_corpus(cfg.data, progress=progress)

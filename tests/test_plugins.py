@@ -43,11 +43,21 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors (tests/con
 BUILTINS = {
     ("schedule", "linear"): "tdlm_plugins.schedules",
     ("schedule", "cosine"): "tdlm_plugins.schedules",
+    ("schedule", "polynomial"): "tdlm_plugins.schedules",
+    ("schedule", "loglinear"): "tdlm_plugins.schedules",
+    ("schedule", "geometric"): "tdlm_plugins.schedules",
     ("corruption", "uniform"): "tdlm_plugins.uniform",
+    ("corruption", "state-dependent"): "tdlm_plugins.state_dependent",
+    ("corruption", "cart"): "tdlm_plugins.cart",
     ("objective", "diffusion"): "tdlm_plugins.diffusion",
     ("objective", "ar"): "tdlm_plugins.ar",
     ("sampler", "ancestral"): "tdlm_plugins.ancestral",
     ("sampler", "ar"): "tdlm_plugins.ar_sampler",
+    ("sampler", "confidence"): "tdlm_plugins.remasking",
+    ("sampler", "threshold"): "tdlm_plugins.remasking",
+    ("sampler", "semi-ar"): "tdlm_plugins.semi_ar",
+    ("sampler", "speculative"): "tdlm_plugins.speculative",
+    ("sampler", "ar-speculative"): "tdlm_plugins.ar_speculative",
 }
 
 
