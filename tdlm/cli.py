@@ -101,53 +101,106 @@ def eval_(run_dir, split, t_samples, which, batch_size, seed, device, as_json):
     click.echo(json.dumps(result, indent=2) if as_json else format_result(result))
 
 
+def _sampler_options(options: tuple[str, ...]) -> dict:
+    """--option KEY=VALUE pairs as a (nested) dict; values are TOML, dotted keys nest."""
+    from tdlm.config import RecipeError, apply_overrides
+
+    for text in options:
+        if "=" not in text:
+            _fail(f"--option {text!r} is not of the form key=value")
+    try:
+        return apply_overrides({}, list(options))
+    except RecipeError as exc:
+        _fail(f"--option: {exc}")
+
+
+def _canvas_ids(vocab, *, prompt, template, length, seq_len) -> list[int]:
+    """One row of the canvas: the prompt then masks up to `length`, or the infill template."""
+    from tdlm.template import parse_template, template_ids
+
+    if template is None:
+        ids = vocab.encode(prompt) if prompt else []
+        length = length or seq_len
+        if len(ids) >= length:
+            _fail(f"the prompt is {len(ids)} tokens, not shorter than --length {length}")
+        ids += [vocab.mask_id] * (length - len(ids))
+    else:
+        ids = template_ids(parse_template(template), vocab.encode, vocab.mask_id)
+    if len(ids) > seq_len:
+        _fail(f"the canvas is {len(ids)} tokens, more than the model's sequence length {seq_len}")
+    return ids
+
+
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--num", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--length", type=click.IntRange(min=1), default=None, help="Tokens per sample (default: seq_len).")
 @click.option("--prompt", default=None, help="Text the samples start with (kept fixed).")
+@click.option("--template", default=None,
+              help='Infill template: text with <mask:N> for N tokens to generate and <mask> for one, e.g. '
+                   '"The<mask:3> of France is Paris ."; only the spans are filled, the text is kept.')
+@click.option("--stop-at-eos", is_flag=True,
+              help="Cut each generated span at its first <|endoftext|> (with a prompt: end the sample there).")
 @click.option("--sampler", default=None, help="Sampler name (default: the recipe's).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
-              help="Sampler option, e.g. --option steps=64 (repeatable).")
+              help="Sampler option, values in TOML, e.g. --option steps=64 or --option inner_options={steps=8} "
+                   "(repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint", "which", default="best", show_default=True)
 @click.option("--device", default=None)
-@click.option("--json", "as_json", is_flag=True)
-def sample(run_dir, num, length, prompt, sampler, options, seed, which, device, as_json):
-    """Generate text from a trained run."""
+@click.option("--json", "as_json", is_flag=True, help="Print samples, nfe, seconds and tokens_per_s as JSON.")
+def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options, seed, which, device, as_json):
+    """Generate text from a trained run: from scratch, after a --prompt, or into a --template.
+
+    Reports the model calls (NFE) and the generated tokens per second, the tokens the sampler
+    filled (masked positions) over its wall time.
+    """
     import time
 
     import torch
 
-    from tdlm.config import parse_override
+    from tdlm.template import TemplateError, cut_at_eos, parse_template
 
+    if template is not None:
+        if prompt is not None or length is not None:
+            _fail("--template sets the whole canvas: give the prompt and the length in the template, "
+                  "not as --prompt / --length")
+        try:
+            if not any(isinstance(part, int) for part in parse_template(template)):
+                _fail("the template has no <mask> or <mask:N> span to fill")
+        except TemplateError as exc:
+            _fail(str(exc))
     device = device or _default_device()
-    sampler_choice = None
-    if sampler or options:
-        parsed = dict((".".join(k), v) for k, v in map(parse_override, options))
-        sampler_choice = (sampler, parsed)
+    sampler_choice = (sampler, _sampler_options(options)) if sampler or options else None
     loaded = _load_run(run_dir, which=which, device=device, sampler=sampler_choice)
-    vocab, cfg = loaded.corpus.vocab, loaded.cfg
-    length = length or cfg.data.seq_len
-    prompt_ids = vocab.encode(prompt) if prompt else []
-    if len(prompt_ids) >= length:
-        _fail(f"the prompt is {len(prompt_ids)} tokens, not shorter than --length {length}")
-    if length > cfg.data.seq_len:
-        _fail(f"--length {length} exceeds the model's sequence length {cfg.data.seq_len}")
-    canvas = torch.full((num, length), vocab.mask_id, dtype=torch.long)
-    canvas[:, : len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+    vocab, cfg, built_sampler = loaded.corpus.vocab, loaded.cfg, loaded.built.sampler
+    if stop_at_eos and "stop_at_eos" in type(built_sampler).Config.model_fields:  # e.g. ar: fewer calls
+        built_sampler.config = built_sampler.config.model_copy(update={"stop_at_eos": True})
+    ids = _canvas_ids(vocab, prompt=prompt, template=template, length=length, seq_len=cfg.data.seq_len)
+    canvas = torch.tensor(ids, dtype=torch.long).expand(num, -1).contiguous()
     generator = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
-    out = loaded.built.sampler.sample(loaded.built.model.net, canvas.to(device), generator)
+    out = built_sampler.sample(loaded.built.model.net, canvas.to(device), generator)
+    tokens = out.tokens.cpu()
     seconds = time.perf_counter() - start
-    texts = [vocab.decode(row.tolist()) for row in out.tokens]
+    generated = int((canvas == vocab.mask_id).sum())
+    tokens_per_s = generated / max(seconds, 1e-9)
+    rows = [cut_at_eos(row, canvas[0], vocab.mask_id, vocab.bos_id) if stop_at_eos else row.tolist()
+            for row in tokens]
+    texts = [vocab.decode(row) for row in rows]
     if as_json:
-        click.echo(json.dumps({"samples": texts, "nfe": out.nfe, "seconds": seconds,
-                               "sampler": loaded.components["sampler"][0].name}, indent=2))
+        click.echo(json.dumps({"samples": texts, "nfe": out.nfe, "seconds": seconds, "tokens_per_s": tokens_per_s,
+                               "generated_tokens": generated, "sampler": loaded.components["sampler"][0].name,
+                               "stats": out.stats},
+                              indent=2))
         return
     for i, text in enumerate(texts):
         click.echo(f"--- sample {i}\n{text}")
-    click.echo(f"--- {num} x {length} tokens, {out.nfe} model calls, {seconds:.2f} s")
+    click.echo(f"--- {num} x {len(ids)} tokens ({generated} generated), {out.nfe} model calls, "
+               f"{seconds:.2f} s, {tokens_per_s:,.0f} tokens/s")
+    if out.stats:
+        click.echo("--- " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in out.stats.items() if not isinstance(v, (list, dict))))
 
 
 @cli.command()
@@ -172,6 +225,74 @@ def plugins(as_json):
             click.echo(f"  {row['name']:<18} {row['package']} {row['version']} ({row['plugin']}){options}")
     for plugin, error in registry.failed.items():
         click.echo(f"failed to load: {plugin}: {error}")
+
+
+@cli.command()
+@click.option("--vocab", type=click.IntRange(min=2), default=4096, show_default=True)
+@click.option("--d-model", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--n-layers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--n-heads", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed steps per round and side.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed steps before each.")
+@click.option("--objective", type=click.Choice(["diffusion", "ar"]), default="diffusion", show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Rounds, engine and baseline alternating; medians are reported.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: its own).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench(as_json, device, **settings):
+    """Training tokens/s of the engine's train step vs a hand-written PyTorch loop, as a ratio."""
+    from tdlm.bench import format_result, measure
+
+    log = None if as_json else (lambda line: click.echo(line, err=True))
+    result = measure(device=device or _default_device(), log=log, **settings)
+    click.echo(json.dumps(result, indent=2) if as_json else format_result(result))
+
+
+@cli.command("gen-eval")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--sampler", default=None, help="Sampler name (default: the recipe's).")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Sampler option, e.g. --option steps=64 (repeatable).")
+@click.option("--num", type=click.IntRange(min=1), default=16, show_default=True, help="Samples to generate.")
+@click.option("--length", type=click.IntRange(min=2), default=None, help="Tokens per sample, prompt included (default: seq_len).")
+@click.option("--prompt", default=None, help="Text every sample starts with (not scored).")
+@click.option("--reference", default=None, type=click.Path(file_okay=False),
+              help="An autoregressive run (same tokenizer) that scores the samples: generative perplexity.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Samples per sampler call (default: all).")
+@click.option("--collapse-prompt", "collapse_prompt_tokens", type=click.IntRange(min=1), default=None,
+              help="Held-out prompt tokens before the masks of the frequency-collapse curve (default: length / 4).")
+@click.option("--checkpoint", "which", default="best", show_default=True)
+@click.option("--device", default=None)
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder for the JSON and PNG (default: RUN_DIR/geneval).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def gen_eval(run_dir, sampler, options, reference, which, device, out_dir, as_json, **settings):
+    """Sample from a run and measure the text: NFE, tokens/s, generative perplexity, entropy,
+    distinct-n, repetition, unseen bigrams, and the frequency-collapse curve (JSON + PNG)."""
+    from pathlib import Path
+
+    from tdlm.config import RecipeError
+    from tdlm.data import DataNotFoundError
+    from tdlm.geneval import GenEval, GenEvalError, format_report, jsonable, write_report
+    from tdlm.plugins import PluginError
+
+    parsed = _sampler_options(options)
+    try:
+        evaluator = GenEval(run_dir, reference=reference, which=which, device=device or _default_device())
+        result = evaluator.evaluate(sampler=sampler, options=parsed, **settings)
+    except (GenEvalError, RecipeError, PluginError, DataNotFoundError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    json_path, png_path = write_report(result, Path(out_dir) if out_dir else Path(run_dir) / "geneval")
+    if as_json:
+        click.echo(json.dumps(jsonable({**result, "json": str(json_path), "png": str(png_path)}), indent=2))
+        return
+    click.echo(format_report(result))
+    click.echo(f"  sample 0: {result['samples'][0][:200]!r}")
+    click.echo(f"saved {json_path} and {png_path}")
 
 
 def _default_device() -> str:

@@ -1,0 +1,254 @@
+"""Training throughput: the engine's train step against a minimal hand-written PyTorch loop.
+
+Both sides train the same Transformer (same config, same initial weights) on the same fixed
+batch, in one process, alternating in rounds so that load from other processes hits both
+alike. The engine side runs `tdlm.train.Trainer.train_step` itself, the code `tdlm run`
+runs each step; the baseline is the loop one would write by hand: the loss maths inline,
+plain AdamW, `clip_grad_norm_`, no accelerate. A ratio near 1 means the engine's structure
+(plugins, accelerate, per-step generators, logging statistics) costs nothing measurable.
+
+    python benchmarks/train_throughput.py --vocab 4096 --d-model 64 --batch 64 --seq-len 128
+    tdlm bench --objective ar --steps 10
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+class FixedBatch:
+    """Stands in for BatchStream: the same host batch at every step, as BatchStream.get gives."""
+
+    def __init__(self, batch: torch.Tensor):
+        self.batch = batch
+
+    def get(self, step: int) -> torch.Tensor:
+        return self.batch
+
+
+def bench_config(*, vocab: int, d_model: int, n_layers: int, n_heads: int, batch: int, seq_len: int,
+                 objective: str, total_steps: int, seed: int):
+    """The RunConfig and resolved components a recipe with these settings would give."""
+    from tdlm.config import RunConfig, resolve_components
+    from tdlm.plugins import build_registry
+
+    cfg = RunConfig.model_validate({
+        "run": {"name": "bench", "seed": seed},
+        "data": {"seq_len": seq_len},
+        "model": {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads},
+        "objective": {"name": objective},
+        "training": {"batch_size": batch, "max_steps": total_steps, "log_every": total_steps},
+    })
+    return cfg, resolve_components(cfg, build_registry())
+
+
+def engine_trainer(cfg, components, vocab, device: torch.device, batch: torch.Tensor):
+    """A Trainer holding exactly what train_step uses, built as Trainer.__init__ builds it, but
+    without a corpus or a run directory (the batch is `batch` at every step)."""
+    from accelerate import Accelerator
+
+    from tdlm.lm import build_model
+    from tdlm.optim import build_optimizer
+    from tdlm.train import Trainer, mixed_precision
+
+    tc = cfg.training
+    precision = mixed_precision(tc.mixed_precision) if device.type == "cuda" else "no"
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.tc, trainer.stop_at = cfg, tc, None
+    trainer.accelerator = acc = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    torch.manual_seed(cfg.run.seed)
+    trainer.built = build_model(cfg, components, vocab)
+    trainer.stream = FixedBatch(batch)
+    trainer.total_steps = tc.max_steps
+    trainer.micro = tc.micro_batch_size or tc.batch_size
+    model = trainer.built.model
+    trainer.model, trainer.optimizer = acc.prepare(model, build_optimizer(model, tc))
+    trainer.step = 0
+    trainer.window_stats = {}
+    return trainer
+
+
+class Baseline:
+    """The hand-written loop: the same network class, the loss written out, plain AdamW."""
+
+    def __init__(self, cfg, components, vocab, device: torch.device, batch: torch.Tensor):
+        from tdlm.model import Transformer
+
+        self.objective, self.vocab, self.device, self.batch = cfg.objective.name, vocab, device, batch
+        self.t_eps = getattr(components["objective"][1], "t_eps", 0.0)
+        self.grad_clip = cfg.training.grad_clip or float("inf")
+        torch.manual_seed(cfg.run.seed)
+        self.net = Transformer(cfg.model, vocab_size=vocab.size, max_len=cfg.data.seq_len,
+                               causal=self.objective == "ar").to(device)
+        tc = cfg.training
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, betas=tc.betas,
+                                           weight_decay=tc.weight_decay)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()  # what the engine's "auto" picks
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    def loss(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.objective == "ar":
+            inputs = torch.cat([torch.full_like(x0[:, :1], self.vocab.bos_id), x0[:, :-1]], dim=1)
+            logits = self.net(inputs)
+            return F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten())
+        # masked diffusion, linear schedule: stratified t, mask w.p. t, CE / t at masked positions
+        batch, device = x0.shape[0], x0.device
+        u = torch.rand((), generator=self.generator, device=device, dtype=torch.float64)
+        t = ((u + torch.arange(batch, device=device, dtype=torch.float64) / batch) % 1.0).float()
+        t = self.t_eps + (1.0 - self.t_eps) * t
+        masked = torch.rand(x0.shape, generator=self.generator, device=device) < t[:, None]
+        logits = self.net(torch.where(masked, self.vocab.mask_id, x0))
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none").view_as(x0)
+        return (ce * masked / t[:, None]).sum() / x0.numel()
+
+    def train_step(self) -> torch.Tensor:
+        x0 = to_device(self.batch, self.device)
+        with self.autocast():
+            loss = self.loss(x0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # pinned, so the copy does not wait for the GPU
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
+def _timed(step_fn, steps: int, device: torch.device) -> float:
+    """Seconds for `steps` steps, ending with one host sync, as at a logging interval."""
+    running = torch.zeros((), device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        running += step_fn()
+    loss = running.item() / steps
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if not math.isfinite(loss):
+        raise RuntimeError(f"the benchmark's training loss became {loss}")
+    return seconds
+
+
+def measure(*, vocab: int = 4096, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, batch: int = 64,
+            seq_len: int = 128, steps: int = 20, warmup: int = 3, objective: str = "diffusion",
+            device: str = "cpu", repeats: int = 3, seed: int = 0, threads: int | None = None,
+            chunk: int | None = None, log=None) -> dict:
+    """Training tokens/s of Trainer.train_step and of the hand-written loop: the median over
+    `repeats` rounds of `steps` timed steps each (after `warmup` untimed ones), and the ratio
+    engine / baseline of those medians.
+
+    Within a round the two sides take turns every `chunk` steps, the first to go alternating,
+    so that load from other processes falls on both alike. Default chunk: 1 on a CPU (a step
+    there is synchronous, so timing one step costs nothing); all `steps` on a GPU, where
+    timing a chunk ends in a sync that would hide the queueing ahead a real run relies on.
+    `threads`: torch's CPU threads while it runs. `log(str)` hears of each round.
+    """
+    if steps < 1 or repeats < 1 or warmup < 0 or (chunk is not None and chunk < 1):
+        raise ValueError(f"need steps, repeats, chunk >= 1 and warmup >= 0, got {steps=}, {repeats=}, "
+                         f"{chunk=}, {warmup=}")
+    if objective not in ("diffusion", "ar"):
+        raise ValueError(f"objective must be 'diffusion' or 'ar', got {objective!r}")
+    device = torch.device(device)
+    chunk = chunk or (1 if device.type == "cpu" else steps)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, batch=batch,
+                        seq_len=seq_len, steps=steps, warmup=warmup, objective=objective, device=device,
+                        repeats=repeats, seed=seed, chunk=chunk, log=log)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup, objective, device, repeats,
+             seed, chunk, log) -> dict:
+    from tdlm.components import VocabInfo
+
+    cfg, components = bench_config(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, batch=batch,
+                                   seq_len=seq_len, objective=objective, seed=seed,
+                                   total_steps=repeats * (steps + warmup))
+    info = VocabInfo(size=vocab, mask_id=vocab, bos_id=vocab - 1)
+    data = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    trainer = engine_trainer(cfg, components, info, device, data)
+    baseline = Baseline(cfg, components, info, device, data)
+    engine_net = trainer.accelerator.unwrap_model(trainer.model).net
+    for (name, a), b in zip(engine_net.state_dict().items(), baseline.net.state_dict().values()):
+        if not torch.equal(a, b):
+            raise AssertionError(f"engine and baseline start from different weights ({name})")
+
+    def engine_step():
+        loss = trainer.train_step()
+        trainer.step += 1  # as Trainer.fit does after each step
+        return loss
+
+    sides = {"engine": engine_step, "baseline": baseline.train_step}
+    rounds = []
+    for r in range(repeats):
+        trainer.window_stats = {}  # read and cleared at each logging interval
+        for _ in range(warmup):
+            for step_fn in sides.values():
+                step_fn()
+        seconds = dict.fromkeys(sides, 0.0)
+        for turn, start in enumerate(range(0, steps, chunk)):
+            order = list(sides) if (r + turn) % 2 == 0 else list(sides)[::-1]
+            for side in order:
+                seconds[side] += _timed(sides[side], min(chunk, steps - start), device)
+        figures = {side: steps * batch * seq_len / s for side, s in seconds.items()}
+        figures["ratio"] = figures["engine"] / figures["baseline"]
+        rounds.append(figures)
+        if log:
+            log(f"round {r + 1}/{repeats}: engine {figures['engine']:,.0f} tok/s, "
+                f"baseline {figures['baseline']:,.0f} tok/s, ratio {figures['ratio']:.3f}")
+    engine = statistics.median(f["engine"] for f in rounds)
+    base = statistics.median(f["baseline"] for f in rounds)
+    return {
+        "config": {"vocab": vocab, "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "batch": batch,
+                   "seq_len": seq_len, "steps": steps, "warmup": warmup, "objective": objective,
+                   "repeats": repeats, "chunk": chunk, "seed": seed},
+        "device": _device_name(device),
+        "mixed_precision": trainer.accelerator.mixed_precision,
+        "parameters": engine_net.num_parameters(),
+        "engine_tokens_per_s": engine,
+        "baseline_tokens_per_s": base,
+        "ratio": engine / base,
+        "rounds": rounds,
+    }
+
+
+def format_result(result: dict) -> str:
+    c = result["config"]
+    lines = [
+        f"train throughput: {c['objective']}, vocab {c['vocab']:,}, d_model {c['d_model']}, {c['n_layers']} layers, "
+        f"batch {c['batch']} x {c['seq_len']}, {result['parameters']:,} parameters, on {result['device']} "
+        f"(mixed precision: {result['mixed_precision']})",
+        f"{c['repeats']} rounds of {c['steps']} timed steps (+{c['warmup']} warm-up) per side, "
+        f"taking turns every {c['chunk']} step(s)",
+        "",
+        f"{'':<10}{'tokens/s (median)':>20}{'ms/step':>10}",
+    ]
+    for side in ("engine", "baseline"):
+        rate = result[f"{side}_tokens_per_s"]
+        lines.append(f"{side:<10}{rate:>20,.0f}{1000 * c['batch'] * c['seq_len'] / rate:>10.1f}")
+    per_round = ", ".join(f"{f['ratio']:.3f}" for f in result["rounds"])
+    lines.append(f"\nratio engine / baseline: {result['ratio']:.3f}   (per round: {per_round})")
+    return "\n".join(lines)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu, {torch.get_num_threads()} threads"
