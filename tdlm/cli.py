@@ -234,7 +234,8 @@ def plugins(as_json):
 @click.option("--n-heads", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed steps per round and side.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed steps per round and side.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed steps before each.")
 @click.option("--objective", type=click.Choice(["diffusion", "ar"]), default="diffusion", show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")

@@ -113,7 +113,7 @@ def test_train_step_never_reads_a_device_value_on_the_host(single_thread, monkey
 
 @pytest.mark.parametrize("objective", ["diffusion", "ar"])
 def test_train_step_runs_the_same_ops_whatever_the_batch_size(single_thread, objective):
-    """No per-sequence Python loop in corruption or loss: twice the sequences, the same ops."""
+    """No per-sequence Python loop in corruption or loss: four times the sequences, the same ops."""
     counts = []
     for batch in (2, 8):
         engine = trainer(objective, batch=batch)
