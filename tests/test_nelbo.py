@@ -11,22 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from nets import ZeroLogits
 from tdlm.components import stratified_times
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 SCHEDULES = ["linear", "cosine"]
-
-
-class ZeroLogits(nn.Module):
-    """Uniform predictions over V tokens."""
-
-    def __init__(self, vocab_size):
-        super().__init__()
-        self.vocab_size = vocab_size
-
-    def forward(self, x):
-        return torch.zeros(*x.shape, self.vocab_size)
 
 
 def gen(seed):

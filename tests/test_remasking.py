@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
+from nets import Spy
 from tdlm.grids import commit_count, time_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -17,18 +18,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-class Spy(torch.nn.Module):
-    """Wraps a net and records the canvas it is called with."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.seen = net, []
-
-    def forward(self, x):
-        self.seen.append(x.clone())
-        return self.net(x)
 
 
 class PositionLogits(torch.nn.Module):

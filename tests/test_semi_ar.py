@@ -5,6 +5,7 @@ import tomllib
 import pytest
 import torch
 
+from nets import Spy
 from tdlm.config import RecipeError, RunConfig, read_recipe, resolve_components, resolved_dict, to_toml
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -14,16 +15,6 @@ V, N = 20, 16
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-class Spy(torch.nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.seen = net, []
-
-    def forward(self, x):
-        self.seen.append(x.clone())
-        return self.net(x)
 
 
 @pytest.mark.parametrize("inner, inner_options, nfe", [

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from nets import ZeroLogits
 from tdlm.components import VocabInfo
 from tdlm.model import ModelConfig, Transformer
 from tdlm_plugins.diffusion import DiffusionObjective
@@ -57,15 +58,6 @@ def random_net(vocab_size, length, seed=0):
         net.tok_emb.weight.normal_(std=1.0)
         net.head.weight.normal_(std=0.3)
     return net.eval()
-
-
-class ZeroLogits(nn.Module):
-    def __init__(self, vocab_size):
-        super().__init__()
-        self.vocab_size = vocab_size
-
-    def forward(self, x):
-        return torch.zeros(*x.shape, self.vocab_size)
 
 
 # --- equal weights: uniform masking --------------------------------------------------------------
