@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tdlm import checkpoint as ckpt
-from tdlm.config import RecipeError, RunConfig
+from tdlm.config import RecipeError, RunConfig, resolved_dict, to_toml
 from tdlm.data import BatchStream, load_corpus, pack
 from tdlm.evaluate import evaluate
 from tdlm.lm import build_model
@@ -74,6 +74,7 @@ class Trainer:
         elif acc.is_main_process:
             write_run_files(self.run_dir, cfg, components)
         self.logger = RunLogger(self.run_dir, tensorboard=cfg.logging.tensorboard, enabled=acc.is_main_process)
+        self.logger.text(self.step, "config", to_toml(resolved_dict(cfg, components)))
         self.stop_requested = False
         self.window_stats: dict[str, torch.Tensor] = {}
 

@@ -52,7 +52,17 @@ def test_run_writes_everything_a_user_and_a_script_need(tmp_path, corpus, object
     assert {"train", "val", "final_valid", "final_test"} <= kinds
     if objective == "diffusion":
         assert {"train_by_t", "val_by_t"} <= kinds
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    tags = board.Tags()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/nll_per_token",
+            "val/ppl", "val/bits_per_byte"} <= set(tags["scalars"])
+    assert {"config/text_summary", "sample/0/text_summary"} <= set(tags["tensors"])
+    if objective == "diffusion":
+        assert "train_by_t/loss_t0.0" in tags["scalars"] or "train_by_t/loss_t0.1" in tags["scalars"]
     # the saved resolved config is itself a recipe that validates to the same config
     def resolved(path):
         cfg = read_recipe(path)
