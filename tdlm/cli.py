@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -61,6 +62,8 @@ def run(recipe, overrides, resume, stop_at, check):
     except TrainingDiverged as exc:
         click.echo(f"tdlm: {exc}", err=True)
         sys.exit(1)
+    if os.environ.get("RANK", "0") != "0":  # one report per run, from the main process
+        return
     if summary["status"] != "finished":
         click.echo(f"stopped at step {summary['step']} of {summary['total_steps']}; continue with: "
                    f"tdlm run {recipe} --resume" + "".join(f" --set {o}" for o in overrides))

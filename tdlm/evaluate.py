@@ -18,11 +18,18 @@ from tqdm.auto import tqdm
 LN2 = math.log(2.0)
 
 
-def _batches(sequences: torch.Tensor, tail: torch.Tensor | None, batch_size: int):
-    for start in range(0, len(sequences), batch_size):
-        yield sequences[start : start + batch_size]
+def _batches(sequences: torch.Tensor, tail: torch.Tensor | None, batch_size: int) -> list[tuple[int, torch.Tensor]]:
+    """(index of the first sequence, batch) pairs; the last partial sequence is scored too, on its own."""
+    batches = [(start, sequences[start : start + batch_size]) for start in range(0, len(sequences), batch_size)]
     if tail is not None and len(tail) > 0:
-        yield tail[None, :]  # the last partial sequence: scored too, on its own
+        batches.append((len(sequences), tail[None, :]))
+    return batches
+
+
+def batch_generator(seed: int, batch_index: int, device) -> torch.Generator:
+    """The mask draws of eval batch i: fixed by (seed, i) alone, so the figures do not depend on
+    how many processes share the batches."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
 
 
 @torch.no_grad()
@@ -38,34 +45,53 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool = False,
     split: str = "valid",
+    shard: tuple[int, int] = (0, 1),
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Score every token of `sequences` [n, N] (and the optional tail) with `model.objective`.
 
     `model` is a LanguageModel (net + objective); `num_bytes(tokens)` gives the UTF-8 bytes the
-    tokens spell, for bits per byte.
+    tokens spell, for bits per byte. With `shard=(rank, world_size)` this process scores batches
+    rank, rank + world_size, ... and `all_reduce_sum` (a sum over processes) combines the
+    per-sequence figures, so every process returns the single-process result. Every process
+    runs the same number of forward passes (the last round is padded with a batch whose
+    figures are discarded): engines that gather sharded weights in the forward need that.
     """
     net, objective = model.net, model.objective
+    rank, world_size = shard
     was_training = model.training
     model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    totals, counts, variances, extras = [], [], [], {}
-    scored_bytes = 0
-    total_batches = math.ceil(len(sequences) / batch_size) + (tail is not None and len(tail) > 0)
-    for x0 in tqdm(_batches(sequences, tail, batch_size), total=total_batches, disable=not progress,
-                   desc=f"eval {split}", leave=False):
-        scored_bytes += num_bytes(x0)
-        x0 = x0.to(device)
-        scores = objective.score(net, x0, generator=generator, t_samples=t_samples)
-        totals.append(scores.nll.cpu())
-        counts.append(torch.full((len(x0),), x0.shape[1], dtype=torch.float64))
-        if scores.nll_var is not None:
-            variances.append(scores.nll_var.cpu())
-        for key, value in scores.extras.items():
-            extras[key] = extras.get(key, 0) + value.double().cpu()
+    batches = _batches(sequences, tail, batch_size)
+    n = sum(len(x0) for _, x0 in batches)
+    totals = torch.zeros(n, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.float64)
+    variances = torch.zeros(n, dtype=torch.float64)
+    extras, has_variance, is_bound = {}, False, None
+    scored_bytes = torch.zeros((), dtype=torch.float64)
+    rounds = math.ceil(len(batches) / world_size)
+    for round_ in tqdm(range(rounds), disable=not progress, desc=f"eval {split}", leave=False):
+        index = round_ * world_size + rank
+        padding = index >= len(batches)
+        start, x0 = batches[index % len(batches)]
+        scores = objective.score(net, x0.to(device), generator=batch_generator(seed, index, device), t_samples=t_samples)
+        keep = 0.0 if padding else 1.0
+        for key, value in sorted(scores.extras.items()):
+            extras[key] = extras.get(key, 0) + keep * value.double().cpu()
         is_bound = scores.is_bound
+        if padding:
+            continue
+        rows = slice(start, start + len(x0))
+        totals[rows] = scores.nll.double().cpu()
+        counts[rows] = x0.shape[1]
+        if scores.nll_var is not None:
+            variances[rows], has_variance = scores.nll_var.double().cpu(), True
+        scored_bytes += num_bytes(x0)
     model.train(was_training)
+    if world_size > 1:
+        totals, counts, variances, scored_bytes = (all_reduce_sum(v) for v in (totals, counts, variances, scored_bytes))
+        extras = {key: all_reduce_sum(value) for key, value in extras.items()}
+    scored_bytes = scored_bytes.item()
 
-    totals, counts = torch.cat(totals), torch.cat(counts)
     tokens = counts.sum().item()
     nll = totals.sum().item() / tokens
     n = len(totals)
@@ -84,9 +110,9 @@ def evaluate(
         "bits_per_byte": totals.sum().item() / (LN2 * scored_bytes),
         "is_bound": is_bound,
     }
-    if variances:
+    if has_variance:
         result["t_samples"] = t_samples
-        result["mc_stderr"] = math.sqrt(torch.cat(variances).sum().item()) / tokens
+        result["mc_stderr"] = math.sqrt(variances.sum().item()) / tokens
     if "bucket_masked" in extras:
         masked = extras["bucket_masked"]
         result["masked_accuracy"] = (extras["bucket_correct"].sum() / masked.sum()).item()

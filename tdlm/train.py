@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from tdlm import checkpoint as ckpt
 from tdlm.config import RecipeError, RunConfig, resolved_dict, to_toml
 from tdlm.data import BatchStream, load_corpus, pack
+from tdlm.distributed import StopAgreement, make_accelerator
 from tdlm.evaluate import evaluate
 from tdlm.lm import build_model
 from tdlm.monitor import RunLogger, read_metrics
@@ -31,9 +32,12 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
-    """The noise (t and masks) of one step: a pure function of (seed, step, rank)."""
-    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 4099 + rank) % 2**63)
+def step_generator(seed: int, step: int, chunk: int, device) -> torch.Generator:
+    """The noise (t and masks) of micro-batch `chunk` of one step, chunks numbered across all
+    processes (process r's i-th of k micro-batches is chunk r * k + i): a pure function of
+    (seed, step, chunk). One process with two micro-batches of 4 and two processes with one
+    micro-batch of 4 each therefore draw the same noise for the same rows."""
+    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 4099 + chunk) % 2**63)
 
 
 def mixed_precision(setting: str) -> str:
@@ -44,13 +48,13 @@ def mixed_precision(setting: str) -> str:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None):
-        from accelerate import Accelerator
-
         self.cfg, self.tc, self.stop_at = cfg, cfg.training, stop_at
-        self.accelerator = acc = Accelerator(mixed_precision=mixed_precision(self.tc.mixed_precision))
+        self.accelerator = acc = make_accelerator(mixed_precision(self.tc.mixed_precision))
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self._check_run_dir(resume)
-        self.corpus = load_corpus(cfg.data, progress=cfg.logging.progress and acc.is_main_process)
+        acc.wait_for_everyone()  # every process has looked at the run directory before the first writes to it
+        with acc.main_process_first():  # one process tokenises into the cache; the others then read it
+            self.corpus = load_corpus(cfg.data, progress=cfg.logging.progress and acc.is_main_process)
         self.vocab = self.corpus.vocab
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
         self.built = build_model(cfg, components, vocab_info(self.corpus))
@@ -76,6 +80,7 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, tensorboard=cfg.logging.tensorboard, enabled=acc.is_main_process)
         self.logger.text(self.step, "config", to_toml(resolved_dict(cfg, components)))
         self.stop_requested = False
+        self.stop_agreement = StopAgreement(acc.num_processes)
         self.window_stats: dict[str, torch.Tensor] = {}
 
     # -- the loop -----------------------------------------------------------------------------
@@ -94,7 +99,7 @@ class Trainer:
                 bar.update(1)
                 at_eval = self.step % tc.eval_every == 0 or self.step == self.total_steps
                 at_ckpt = at_eval or (tc.checkpoint_every and self.step % tc.checkpoint_every == 0)
-                stopping = self.stop_requested or self.step == self.stop_at
+                stopping = self.stop_agreement.any(self.stop_requested) or self.step == self.stop_at
                 if self.step % tc.log_every == 0 or at_ckpt or stopping:
                     rate = window_steps * tc.batch_size * self.cfg.data.seq_len / (time.perf_counter() - window_start)
                     self.log_train(running / window_steps, rate, bar)
@@ -121,11 +126,12 @@ class Trainer:
         if acc.device.type == "cuda":  # from pageable memory, .to(cuda) waits for the GPU to finish the last step
             batch = batch.pin_memory()
         batch = batch.to(acc.device, non_blocking=True)
-        generator = step_generator(self.cfg.run.seed, self.step, acc.process_index, acc.device)
         micro_batches = batch.split(self.micro)
         total = torch.zeros((), device=acc.device)
         for i, micro in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1  # all-reduce gradients once, on the last micro-batch
+            chunk = acc.process_index * len(micro_batches) + i
+            generator = step_generator(self.cfg.run.seed, self.step, chunk, acc.device)
             with acc.no_sync(model) if not sync else contextlib.nullcontext():
                 loss, stats = model(micro, generator)
                 acc.backward(loss / len(micro_batches))
@@ -159,28 +165,31 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
 
     def evaluate_and_sample(self, *, sequences: int | None = -1, split: str = "valid") -> dict | None:
-        acc = self.accelerator
-        result = None
-        if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            limit = self.tc.eval_sequences if sequences == -1 else sequences
-            seqs = self.valid_seqs[:limit] if limit else self.valid_seqs
-            result = evaluate(model, seqs, num_bytes=self.corpus.num_bytes, t_samples=self.cfg.eval.t_samples,
-                              batch_size=self.cfg.eval.batch_size, seed=self.cfg.eval.seed, device=acc.device,
-                              split=split)
-            self.logger.log(self.step, _scalars(result), "val")
-            by_t = {f"masked_ce_t{b['t'][0]:.1f}": b["masked_ce"]
-                    for b in result.get("t_buckets", []) if b["masked_ce"] is not None}
-            if by_t:
-                self.logger.log(self.step, by_t, "val_by_t")
-            self.last_val = result
-            self.samples = self.sample_text(model)
-            for i, text in enumerate(self.samples):
-                self.logger.text(self.step, f"sample/{i}", text)
-            self.is_best = result["nll_per_token"] < self.best
-            self.best = min(self.best, result["nll_per_token"])
-        acc.wait_for_everyone()
+        """Every process scores its share of the batches; all of them get the gathered result."""
+        model = self.accelerator.unwrap_model(self.model)
+        limit = self.tc.eval_sequences if sequences == -1 else sequences
+        seqs = self.valid_seqs[:limit] if limit else self.valid_seqs
+        result = self.score(model, seqs, None, split)
+        self.logger.log(self.step, _scalars(result), "val")
+        by_t = {f"masked_ce_t{b['t'][0]:.1f}": b["masked_ce"]
+                for b in result.get("t_buckets", []) if b["masked_ce"] is not None}
+        if by_t:
+            self.logger.log(self.step, by_t, "val_by_t")
+        self.last_val = result
+        self.samples = self.sample_text(model)  # on every process: engines that shard weights need all in the forward
+        for i, text in enumerate(self.samples):
+            self.logger.text(self.step, f"sample/{i}", text)
+        self.is_best = result["nll_per_token"] < self.best
+        self.best = min(self.best, result["nll_per_token"])
         return result
+
+    def score(self, model, sequences, tail, split: str, *, progress: bool = False) -> dict:
+        acc, ec = self.accelerator, self.cfg.eval
+        return evaluate(model, sequences, tail, num_bytes=self.corpus.num_bytes, t_samples=ec.t_samples,
+                        batch_size=ec.batch_size, seed=ec.seed, device=acc.device, split=split,
+                        progress=progress and acc.is_main_process,
+                        shard=(acc.process_index, acc.num_processes),
+                        all_reduce_sum=lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu())
 
     def sample_text(self, model, num: int | None = None) -> list[str]:
         num = self.cfg.eval.sample_num if num is None else num
@@ -210,21 +219,20 @@ class Trainer:
         bar.close()
         summary = {"status": status, "step": self.step, "total_steps": self.total_steps,
                    "tokens_seen": self.step * self.tc.batch_size * self.cfg.data.seq_len,
+                   "train_tokens": self.stream.num_sequences * self.cfg.data.seq_len,  # unique, as packed
+                   "epochs": self.stream.epoch_of(self.step),
                    "parameters": self.built.model.net.num_parameters(),
                    "non_embedding_parameters": self.built.model.net.num_parameters(non_embedding=True),
                    "device": _device_name(acc.device), "processes": acc.num_processes,
                    "wall_time_s": time.perf_counter() - self.started}
-        if status == "finished" and acc.is_main_process:
+        if status == "finished":
             model = acc.unwrap_model(self.model)
             best_dir = ckpt.checkpoint_dir(self.run_dir, "best")
             ckpt.load_weights(model, best_dir)
             summary["checkpoint"] = best_dir.name
             for split in self.cfg.eval.final_splits:
                 seqs, tail = pack(self.corpus.splits[split], self.cfg.data.seq_len)
-                summary[split] = evaluate(model, seqs, tail, num_bytes=self.corpus.num_bytes,
-                                          t_samples=self.cfg.eval.t_samples, batch_size=self.cfg.eval.batch_size,
-                                          seed=self.cfg.eval.seed, device=acc.device, split=split,
-                                          progress=self.cfg.logging.progress)
+                summary[split] = self.score(model, seqs, tail, split, progress=self.cfg.logging.progress)
                 self.logger.log(self.step, _scalars(summary[split]), f"final_{split}")
             summary["samples"] = self.sample_text(model)
             summary["wall_time_s"] = time.perf_counter() - self.started

@@ -58,6 +58,10 @@ class BatchStream:
         self.local_batch = global_batch // world_size
         self._epoch, self._order = None, None  # the current epoch's permutation, memoised
 
+    @property
+    def num_sequences(self) -> int:
+        return len(self.sequences)
+
     def epoch_of(self, step: int) -> float:
         """Epochs completed before `step`, fractional: step 0 is 0.0, step batches_per_epoch is 1.0."""
         return step / self.batches_per_epoch

@@ -1,0 +1,147 @@
+"""Several processes on one CPU (DDP over gloo): the recipe, not the process count, fixes the run.
+
+Workers are started the way torchrun starts them (RANK / WORLD_SIZE / MASTER_* in the
+environment), directly, so that a test can signal one rank alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from toydata import toy_recipe, write_toy_corpus
+
+from tdlm.monitor import read_metrics
+
+STEPS = 8
+# One process with two micro-batches of 4 and two processes with one micro-batch of 4 do the same
+# arithmetic up to the order of float additions in the gradient average: the curves agree to
+# float32 rounding, amplified a little by Adam over a few steps.
+LOSS_TOLERANCE = 2e-4
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_toy_corpus(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return {**os.environ, "TDLM_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "cache"),
+            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, env, world_size: int = 1) -> list[subprocess.Popen]:
+    """`tdlm ARGS` in `world_size` worker processes."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        worker_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                      "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        if world_size == 1:
+            worker_env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tdlm", *args], env=worker_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait(procs, timeout: float = 240) -> list[str]:
+    outputs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=timeout)
+        outputs.append(out)
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+    return outputs
+
+
+def run(args, env, world_size: int = 1) -> list[str]:
+    return wait(start(args, env, world_size))
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, corpus):
+    folder = tmp_path_factory.mktemp("dist")
+    return toy_recipe(folder / "toy.toml", corpus, folder / "runs")
+
+
+COMMON = ("--set", f"training.max_steps={STEPS}", "--set", "training.micro_batch_size=4",
+          "--set", "training.log_every=1", "--set", "training.eval_every=4", "--set", 'eval.final_splits=["test"]')
+
+
+@pytest.fixture(scope="module")
+def one_process_run(recipe, env):
+    run(["run", str(recipe), *COMMON, "--set", "run.name=one"], env)
+    return recipe.parent / "runs" / "one"
+
+
+def test_two_processes_follow_the_one_process_loss_curve_and_eval(recipe, env, one_process_run):
+    run(["run", str(recipe), *COMMON, "--set", "run.name=two"], env, world_size=2)
+    two = recipe.parent / "runs" / "two"
+    one_losses, two_losses = train_losses(one_process_run), train_losses(two)
+    assert sorted(one_losses) == sorted(two_losses) == list(range(1, STEPS + 1))
+    for step in one_losses:
+        assert two_losses[step] == pytest.approx(one_losses[step], abs=LOSS_TOLERANCE), step
+    one_summary = json.loads((one_process_run / "summary.json").read_text())
+    two_summary = json.loads((two / "summary.json").read_text())
+    assert two_summary["processes"] == 2 and one_summary["processes"] == 1
+    # sharded eval: every token scored exactly once, and the same figure
+    assert two_summary["test"]["tokens"] == one_summary["test"]["tokens"]
+    assert two_summary["test"]["sequences"] == one_summary["test"]["sequences"]
+    assert two_summary["test"]["bytes"] == one_summary["test"]["bytes"]
+    assert two_summary["test"]["nll_per_token"] == pytest.approx(one_summary["test"]["nll_per_token"], abs=1e-3)
+    one_val = [r for r in read_metrics(one_process_run, "val")]
+    two_val = [r for r in read_metrics(two, "val")]
+    assert [r["step"] for r in two_val] == [r["step"] for r in one_val]
+    for a, b in zip(one_val, two_val):
+        assert b["nll_per_token"] == pytest.approx(a["nll_per_token"], abs=1e-3)
+    # only rank 0 wrote the run's files: one record per step, not two
+    assert len(read_metrics(two, "train")) == STEPS
+
+
+def test_a_checkpoint_of_two_processes_resumes_on_one(recipe, env, one_process_run):
+    args = ["run", str(recipe), *COMMON, "--set", "run.name=two-to-one"]
+    run([*args, "--stop-at", "4"], env, world_size=2)
+    run([*args, "--resume"], env, world_size=1)
+    resumed = train_losses(recipe.parent / "runs" / "two-to-one")
+    reference = train_losses(one_process_run)
+    assert sorted(resumed) == sorted(reference)
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], abs=LOSS_TOLERANCE), step
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(recipe, env):
+    run_dir = recipe.parent / "runs" / "preempted"
+    args = ["run", str(recipe), "--set", "training.max_steps=100000", "--set", "training.log_every=1",
+            "--set", "training.eval_every=100000", "--set", "run.name=preempted"]
+    procs = start(args, env, world_size=2)
+    deadline = time.time() + 180
+    while not any(r["step"] >= 2 for r in read_metrics(run_dir, "train")):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "training did not start"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # a preemption notice that reached one rank only
+    outputs = wait(procs, timeout=120)
+    assert "SIGTERM received" in outputs[1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped"
+    last = json.loads((run_dir / "checkpoints" / "last.json").read_text())
+    assert last["step"] == summary["step"] < 100000
+    # and the run continues from there
+    run([*args, "--resume", "--stop-at", str(summary["step"] + 2)], env)
+    assert max(train_losses(run_dir)) == summary["step"] + 2
