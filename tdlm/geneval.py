@@ -45,7 +45,7 @@ class GenEval:
         if reference is not None:
             self.reference = load_run(reference, which=which, device=device, registry=self.registry)
             self._check_reference()
-        train = np.asarray(corpus.splits["train"], dtype=np.int64)
+        train = np.asarray(train_tokens(corpus, self.target.cfg.data), dtype=np.int64)
         self.train_bigrams = genmetrics.train_bigram_set(train, self.vocab.size)
         self.unigram = genmetrics.unigram_distribution(np.bincount(train, minlength=self.vocab.size))
         self._cache: dict = {}
@@ -334,3 +334,13 @@ def format_report(result: dict) -> str:
                            for i in picks)
         lines.append(f"  frequency collapse (H unigram {curve['unigram_entropy']:.2f} nats): {points}")
     return "\n".join(lines)
+
+
+def train_tokens(corpus, data_cfg) -> np.ndarray:
+    """The train token stream: in memory for text data, read from the shards for webdataset
+    (all of them: the unseen-bigram rate needs every train bigram)."""
+    if "train" in corpus.splits:
+        return corpus.splits["train"]
+    from tdlm.data.shards import read_manifest, split_tokens
+
+    return split_tokens(data_cfg.path, read_manifest(data_cfg.path), "train")

@@ -17,9 +17,12 @@ from tdlm.config import RecipeError, RunConfig, resolve_components, resolved_dic
 
 
 def vocab_info(corpus) -> VocabInfo:
-    """The vocabulary facts components get, with the train split's token counts."""
+    """The vocabulary facts components get, with the train split's token counts (from the
+    manifest when the train split is streamed from shards)."""
     vocab = corpus.vocab
-    counts = np.bincount(corpus.splits["train"], minlength=vocab.size)[: vocab.size]
+    counts = getattr(corpus, "train_token_counts", None)
+    if counts is None:
+        counts = np.bincount(corpus.splits["train"], minlength=vocab.size)[: vocab.size]
     return VocabInfo(size=vocab.size, mask_id=vocab.mask_id, bos_id=vocab.bos_id, token_counts=counts)
 
 

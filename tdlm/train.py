@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from tdlm import checkpoint as ckpt
 from tdlm.config import RecipeError, RunConfig, resolved_dict, to_toml
-from tdlm.data import BatchStream, load_corpus, pack
+from tdlm.data import load_corpus, pack, train_stream
 from tdlm.distributed import StopAgreement, make_accelerator
 from tdlm.evaluate import evaluate
 from tdlm.lm import build_model
@@ -58,10 +58,9 @@ class Trainer:
         self.vocab = self.corpus.vocab
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
         self.built = build_model(cfg, components, vocab_info(self.corpus))
-        self.train_seqs, _ = pack(self.corpus.splits["train"], cfg.data.seq_len)
         self.valid_seqs, _ = pack(self.corpus.splits["valid"], cfg.data.seq_len)
-        self.stream = BatchStream(self.train_seqs, self.tc.batch_size, cfg.run.seed,
-                                  rank=acc.process_index, world_size=acc.num_processes)
+        self.stream = train_stream(self.corpus, cfg.data, self.tc.batch_size, cfg.run.seed,
+                                   rank=acc.process_index, world_size=acc.num_processes)
         self.total_steps = self.tc.max_steps or math.ceil(self.tc.epochs * self.stream.batches_per_epoch)
         per_rank = self.tc.batch_size // acc.num_processes
         self.micro = self.tc.micro_batch_size or per_rank
@@ -270,7 +269,7 @@ class Trainer:
             tqdm.write(
                 f"tdlm: {self.cfg.run.name} -> {self.run_dir} | {self.cfg.objective.name} objective | "
                 f"{net.num_parameters():,} parameters ({net.num_parameters(non_embedding=True):,} non-embedding) | "
-                f"vocab {self.vocab.size:,} | {len(self.train_seqs):,} train sequences of {self.cfg.data.seq_len} | "
+                f"vocab {self.vocab.size:,} | {self.stream.num_sequences:,} train sequences of {self.cfg.data.seq_len} | "
                 f"{self.total_steps:,} steps ({self.total_steps / self.stream.batches_per_epoch:.2f} epochs) | "
                 f"{self.accelerator.num_processes} process(es) on {_device_name(self.accelerator.device)}"
                 + (f" | resuming at step {self.step}" if self.step else "")

@@ -3,9 +3,12 @@ streams cached on disk, and deterministic batches.
 
     cfg = DataConfig(seq_len=128)
     corpus = load_corpus(cfg)                        # .vocab, .splits["train" | "valid" | "test"]
-    sequences, _ = pack(corpus.splits["train"], cfg.seq_len)
-    batches = BatchStream(sequences, global_batch=64, seed=0)
+    batches = train_stream(corpus, cfg, global_batch=64, seed=0)
     x = batches.get(step)                            # [64, 128] long
+
+format='text' packs the train split (`pack`) into a BatchStream; format='webdataset' streams
+shards that `tdlm data prepare` wrote (ShardStream, layout in tdlm.data.shards), and its corpus
+holds valid/test plus the train token counts only.
 
 Only numpy and pydantic are imported here: the parts that need torch or tokenizers load on
 first use, so that importing a recipe's config stays fast.
@@ -22,6 +25,9 @@ from tdlm.data.locate import DataNotFoundError
 if TYPE_CHECKING:
     from tdlm.data.corpus import Corpus, load_corpus
     from tdlm.data.packing import BatchStream, pack
+    from tdlm.data.shards import ShardError, ShardStream
+    from tdlm.data.shards_prepare import prepare_shards
+    from tdlm.data.streams import train_stream
     from tdlm.data.tokenizer import Vocab, load_vocab
 
 _LAZY = {
@@ -31,6 +37,10 @@ _LAZY = {
     "load_corpus": "tdlm.data.corpus",
     "pack": "tdlm.data.packing",
     "BatchStream": "tdlm.data.packing",
+    "ShardStream": "tdlm.data.shards",
+    "ShardError": "tdlm.data.shards",
+    "prepare_shards": "tdlm.data.shards_prepare",
+    "train_stream": "tdlm.data.streams",
 }
 
 __all__ = ["DataConfig", "DataNotFoundError", *_LAZY]

@@ -1,11 +1,26 @@
-"""The `[data]` section of a recipe: which corpus, which tokenizer, how long the sequences are."""
+"""The `[data]` section of a recipe: which corpus, which tokenizer, how long the sequences are.
+
+Two formats. "text" tokenises WikiText-2 or a folder of text on first use (cached). "webdataset"
+reads shards that `tdlm data prepare` wrote: `path` is that folder, and the tokenizer, the
+corpus and the token counts all come from its manifest.json, so `dataset`, `tokenizer`,
+`bpe_vocab_size` and `max_train_tokens` must be left at their defaults (a set one is an error
+rather than silently ignored); `seq_len` must equal the shards' (checked when they are opened).
+
+    [data]
+    format = "webdataset"
+    path = "shards/wikitext2-gpt2-128"   # from: tdlm data prepare wikitext2 --out ... --seq-len 128
+    seq_len = 128
+"""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+FORMATS = ("text", "webdataset")
 DATASETS = ("wikitext2", "text")
 TOKENIZERS = ("gpt2", "bpe")
+# Settings that a webdataset folder fixes in its manifest, so a recipe must not set them.
+MANIFEST_FIELDS = ("dataset", "tokenizer", "bpe_vocab_size", "max_train_tokens")
 
 
 class DataConfig(BaseModel):
@@ -13,12 +28,16 @@ class DataConfig(BaseModel):
     # must not change after validation.
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
+    format: str = "text"
+    """'text' (tokenise `dataset` on first use) or 'webdataset' (shards written by
+    `tdlm data prepare`, streamed during training; `path` is their folder)."""
     dataset: str = "wikitext2"
     """'wikitext2' (WikiText-2 v1, tokenized splits) or 'text' (a folder holding train.txt,
     valid.txt and test.txt)."""
     path: str | None = None
     """For dataset='text': the folder (required). For 'wikitext2': a data dir to use instead of
-    $TDLM_DATA_DIR / ../shared/data (it holds wikitext-2/ and gpt2/)."""
+    $TDLM_DATA_DIR / ../shared/data (it holds wikitext-2/ and gpt2/). For format='webdataset':
+    the folder `tdlm data prepare` wrote (required)."""
     tokenizer: str = "gpt2"
     """'gpt2' (the GPT-2 BPE from gpt2/vocab.json + merges.txt) or 'bpe' (a byte-level BPE
     trained on the train split, cached)."""
@@ -29,6 +48,13 @@ class DataConfig(BaseModel):
     """Tokens per training sequence; the token stream is cut into sequences of this length."""
     max_train_tokens: int | None = Field(None, ge=1)
     """Keep only the first this many train tokens (quick runs); valid/test are never cut."""
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"unknown format {value!r}; allowed: {', '.join(map(repr, FORMATS))}")
+        return value
 
     @field_validator("dataset")
     @classmethod
@@ -45,7 +71,24 @@ class DataConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _webdataset_reads_its_manifest(self) -> DataConfig:
+        if self.format != "webdataset":
+            return self
+        if self.path is None:
+            raise ValueError("format='webdataset' needs path: the folder `tdlm data prepare` wrote")
+        # Compared with the defaults, not with the keys given: a saved run's config (every
+        # default written out) must still validate.
+        defaults = {name: type(self).model_fields[name].default for name in MANIFEST_FIELDS}
+        conflicting = [name for name, default in defaults.items() if getattr(self, name) != default]
+        if conflicting:
+            raise ValueError(
+                f"format='webdataset' takes the corpus and tokenizer from the shards' manifest: remove "
+                f"{', '.join(conflicting)} (choose them when running `tdlm data prepare`)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _text_needs_path(self) -> DataConfig:
-        if self.dataset == "text" and self.path is None:
+        if self.format == "text" and self.dataset == "text" and self.path is None:
             raise ValueError("dataset='text' needs path: a folder holding train.txt, valid.txt and test.txt")
         return self

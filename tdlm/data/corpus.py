@@ -32,7 +32,11 @@ ENCODE_CHUNK_LINES = 2048  # lines per encode_batch call: big enough to keep all
 class Corpus:
     vocab: Vocab
     splits: dict[str, np.ndarray]
-    """'train', 'valid', 'test' -> 1-D int32 token stream."""
+    """'train', 'valid', 'test' -> 1-D int32 token stream. A webdataset corpus holds only
+    'valid' and 'test': its train split is streamed from shards (`tdlm.data.train_stream`)."""
+    train_token_counts: np.ndarray | None = None
+    """int64 [vocab.size]: how often each id occurs in the train split, when the train stream is
+    not in `splits` (webdataset: read from the manifest); None means count splits['train']."""
 
     def num_bytes(self, tokens: np.ndarray) -> int:
         """UTF-8 bytes of the text these tokens spell: the denominator of bits per byte."""
@@ -42,7 +46,14 @@ class Corpus:
 def load_corpus(cfg: DataConfig, *, cache_dir: str | Path | None = None, progress: bool = True) -> Corpus:
     """The vocabulary and the three token streams that `cfg` describes (train cut to
     `cfg.max_train_tokens` if set). Tokens are cached under `cache_dir` (default
-    $TDLM_CACHE_DIR or ~/.cache/tdlm) by the file's content and the tokenizer."""
+    $TDLM_CACHE_DIR or ~/.cache/tdlm) by the file's content and the tokenizer.
+
+    format='webdataset': the vocabulary, valid and test from the prepared folder, and the train
+    split's token counts instead of its stream (see tdlm.data.shards)."""
+    if cfg.format == "webdataset":
+        from tdlm.data.shards import load_shard_corpus  # pulls in torch: only when asked for
+
+        return load_shard_corpus(cfg)
     files = find_split_files(cfg, cache_dir)
     vocab = load_vocab(cfg, cache_dir=cache_dir)
     tokenizer_hash = hashlib.sha256(vocab.tokenizer.to_str().encode("utf-8")).hexdigest()
