@@ -207,6 +207,75 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
 
 
 @cli.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Only list the runs: name, status (done/partial/restart/new), size, overrides.")
+@click.option("--only", "patterns", multiple=True, metavar="GLOB",
+              help="Only the runs whose name matches, e.g. --only 'ar-*' (repeatable).")
+@click.option("--emit", type=click.Choice(["accelerate", "slurm"]), default=None,
+              help="Print launch commands instead of running: one `accelerate launch` line per run, or a SLURM "
+                   "array script (written with its commands file under the sweep's folder).")
+@click.option("--launch-config", default="launch/multi_gpu.yaml", show_default=True,
+              help="accelerate config file of the emitted commands.")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs per run (--emit slurm).")
+@click.option("--time", "time_limit", default="12:00:00", show_default=True, help="Time limit per run (--emit slurm).")
+def sweep(sweep_file, dry_run, patterns, emit, launch_config, gpus, time_limit):
+    """Train every run of a SWEEP_FILE (base recipes x a grid of overrides), one after the other.
+
+    Every run's recipe is validated first. Finished runs are skipped and partial ones resumed,
+    so the same command continues a sweep; a failed run is reported at the end (exit code 1).
+    """
+    from tdlm.config import RecipeError
+    from tdlm.plugins import PluginError
+    from tdlm.sweep import SweepError, accelerate_commands, format_plan, load_sweep, run_sweep, slurm_script
+
+    try:
+        plan = load_sweep(sweep_file)
+        runs = plan.select(patterns)
+    except (SweepError, RecipeError, PluginError) as exc:
+        _fail(str(exc))
+    if dry_run:
+        click.echo(format_plan(plan, runs))
+        return
+    if emit == "accelerate":
+        click.echo("\n".join(accelerate_commands(runs, launch_config)))
+        return
+    if emit == "slurm":
+        try:
+            script, commands = slurm_script(plan, runs, launch_config=launch_config, gpus=gpus, time_limit=time_limit)
+        except SweepError as exc:
+            _fail(str(exc))
+        click.echo(script.read_text())
+        click.echo(f"wrote {script} and {commands} ({len(runs)} runs); submit with: sbatch {script}", err=True)
+        return
+    outcome = run_sweep(runs, echo=click.echo)
+    click.echo(f"\nsweep {plan.name}: " + ", ".join(f"{len(names)} {what}" for what, names in outcome.items())
+               + f"; report: tdlm report {plan.out_dir}")
+    for name in outcome["failed"]:
+        click.echo(f"  failed: {name} (see its output above; rerun with --only {name})", err=True)
+    if outcome["failed"] or outcome["stopped"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("runs_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder for report.md, report.csv and the plots (default: the first RUNS_DIR).")
+def report(runs_dirs, out_dir):
+    """Tabulate and plot every run under RUNS_DIRS (searched recursively): final NELBO / NLL,
+    perplexity, bits per byte against size, data and epochs, and diffusion vs AR by epochs."""
+    from pathlib import Path
+
+    from tdlm.report import ReportError, write_report
+
+    try:
+        markdown, written = write_report([Path(d) for d in runs_dirs], Path(out_dir or runs_dirs[0]))
+    except ReportError as exc:
+        _fail(str(exc))
+    click.echo(markdown)
+    click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def plugins(as_json):
     """List every installed component by kind, with the plugin and package that provide it."""
@@ -297,6 +366,39 @@ def gen_eval(run_dir, sampler, options, reference, which, device, out_dir, as_js
     click.echo(format_report(result))
     click.echo(f"  sample 0: {result['samples'][0][:200]!r}")
     click.echo(f"saved {json_path} and {png_path}")
+
+
+@cli.group()
+def data():
+    """Prepare data: tokenise a corpus once into shards that training streams."""
+
+
+@data.command("prepare")
+@click.argument("source")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the shards.")
+@click.option("--seq-len", type=click.IntRange(min=2), required=True, help="Tokens per sequence (the recipe's data.seq_len).")
+@click.option("--shard-size", type=click.IntRange(min=1), required=True, help="Sequences per shard.")
+@click.option("--tokenizer", type=click.Choice(["gpt2", "bpe"]), default="gpt2", show_default=True)
+@click.option("--bpe-vocab-size", type=click.IntRange(min=260), default=4096, show_default=True,
+              help="Vocabulary of the BPE trained on the train split (--tokenizer bpe).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder holding wikitext-2/ and gpt2/ (default: $TDLM_DATA_DIR or ../shared/data).")
+@click.option("--force", is_flag=True, help="Replace the shards of an earlier prepare in --out.")
+def prepare(source, out_dir, seq_len, shard_size, tokenizer, bpe_vocab_size, data_dir, force):
+    """Tokenise SOURCE (a folder with train.txt/valid.txt/test.txt, `wikitext2`, or
+    hf:NAME[:CONFIG]) and write webdataset shards, a manifest and the tokenizer to --out."""
+    from tdlm.data import DataNotFoundError, prepare_shards
+
+    try:
+        manifest = prepare_shards(source, out_dir, seq_len=seq_len, shard_size=shard_size, tokenizer=tokenizer,
+                                  bpe_vocab_size=bpe_vocab_size, data_dir=data_dir, force=force)
+    except (DataNotFoundError, FileExistsError, ValueError) as exc:
+        _fail(str(exc))
+    for split, entry in manifest["splits"].items():
+        click.echo(f"{split}: {entry['tokens']:,} tokens, {entry['sequences']:,} sequences in "
+                   f"{len(entry['shards'])} shards, {len(entry['tail'])} tail tokens")
+    click.echo(f"wrote {out_dir} (tokenizer {manifest['tokenizer']['name']}); train from it with:\n\n"
+               f'[data]\nformat = "webdataset"\npath = "{out_dir}"\nseq_len = {seq_len}')
 
 
 def _default_device() -> str:

@@ -145,3 +145,21 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     # and the run continues from there
     run([*args, "--resume", "--stop-at", str(summary["step"] + 2)], env)
     assert max(train_losses(run_dir)) == summary["step"] + 2
+
+
+def test_training_from_webdataset_shards_on_one_and_two_processes(tmp_path, corpus, env):
+    run(["data", "prepare", str(corpus), "--out", str(tmp_path / "shards"), "--seq-len", "32",
+         "--shard-size", "16", "--tokenizer", "bpe", "--bpe-vocab-size", "300"], env)
+    recipe = toy_recipe(tmp_path / "toy.toml", corpus, tmp_path / "runs")
+    text = recipe.read_text()
+    data_section = text[text.index("[data]"): text.index("[model]")]
+    recipe.write_text(text.replace(data_section, f'[data]\nformat = "webdataset"\npath = "{tmp_path / "shards"}"\n'
+                                                 'seq_len = 32\n\n'))
+    for name, world_size in (("one", 1), ("two", 2)):
+        run(["run", str(recipe), *COMMON, "--set", f"run.name={name}"], env, world_size)
+    one, two = train_losses(tmp_path / "runs" / "one"), train_losses(tmp_path / "runs" / "two")
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=LOSS_TOLERANCE), step
+    summary = json.loads((tmp_path / "runs" / "two" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["test"]["tokens"] > 0
