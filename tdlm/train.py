@@ -61,6 +61,7 @@ class Trainer:
         self.valid_seqs, _ = pack(self.corpus.splits["valid"], cfg.data.seq_len)
         self.stream = train_stream(self.corpus, cfg.data, self.tc.batch_size, cfg.run.seed,
                                    rank=acc.process_index, world_size=acc.num_processes)
+        self.tokens_per_step = self.tc.batch_size * cfg.data.seq_len
         self.total_steps = self.tc.max_steps or math.ceil(self.tc.epochs * self.stream.batches_per_epoch)
         per_rank = self.tc.batch_size // acc.num_processes
         self.micro = self.tc.micro_batch_size or per_rank
@@ -90,6 +91,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.logging.progress and acc.is_main_process),
                    desc=self.cfg.run.name, dynamic_ncols=True)
         running, window_start, window_steps = torch.zeros((), device=acc.device), time.perf_counter(), 0
+        self.train_seconds, self.timed_steps = 0.0, 0  # training time alone (no eval, no saving): for MFU
         try:
             while self.step < self.total_steps:
                 running += self.train_step()
@@ -99,14 +101,18 @@ class Trainer:
                 at_eval = self.step % tc.eval_every == 0 or self.step == self.total_steps
                 at_ckpt = at_eval or (tc.checkpoint_every and self.step % tc.checkpoint_every == 0)
                 stopping = self.stop_agreement.any(self.stop_requested) or self.step == self.stop_at
-                if self.step % tc.log_every == 0 or at_ckpt or stopping:
-                    rate = window_steps * tc.batch_size * self.cfg.data.seq_len / (time.perf_counter() - window_start)
-                    self.log_train(running / window_steps, rate, bar)
-                    running, window_start, window_steps = running.zero_(), time.perf_counter(), 0
+                logging = self.step % tc.log_every == 0 or at_ckpt or stopping
+                if logging:
+                    elapsed = time.perf_counter() - window_start
+                    self.train_seconds, self.timed_steps = self.train_seconds + elapsed, self.timed_steps + window_steps
+                    self.log_train(running / window_steps, window_steps * self.tokens_per_step / elapsed, bar)
+                    running, window_steps = running.zero_(), 0
                 if at_eval:
                     self.evaluate_and_sample()
                 if at_ckpt or stopping:
                     self.save()
+                if logging:  # the next window times training only, not this step's eval and save
+                    window_start = time.perf_counter()
                 if stopping:
                     return self.finish("stopped", bar)
             return self.finish("finished", bar)
@@ -223,6 +229,7 @@ class Trainer:
                    "parameters": self.built.model.net.num_parameters(),
                    "non_embedding_parameters": self.built.model.net.num_parameters(non_embedding=True),
                    "device": _device_name(acc.device), "processes": acc.num_processes,
+                   **self._throughput(),
                    "wall_time_s": time.perf_counter() - self.started}
         if status == "finished":
             model = acc.unwrap_model(self.model)
@@ -239,6 +246,17 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.wait_for_everyone()
         return summary
+
+    def _throughput(self) -> dict:
+        """Training tokens/s of this session (eval and saving excluded), FLOPs per token and MFU."""
+        from tdlm.flops import flops_per_token, mfu, peak_flops
+
+        acc = self.accelerator
+        per_token = flops_per_token(self.built.model.net, self.cfg.data.seq_len)["total"]
+        rate = self.timed_steps * self.tokens_per_step / self.train_seconds if self.train_seconds else None
+        peak = peak_flops(acc.device, acc.mixed_precision)
+        return {"train_tokens_per_s": rate, "flops_per_token": per_token,
+                "mfu": mfu(rate, per_token, peak * acc.num_processes) if rate and peak else None}
 
     # -- set-up helpers ----------------------------------------------------------------------
     def _check_run_dir(self, resume: bool) -> None:

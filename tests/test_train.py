@@ -48,6 +48,10 @@ def test_run_writes_everything_a_user_and_a_script_need(tmp_path, corpus, object
     assert summary["status"] == "finished" and summary["step"] == 8
     assert summary["test"]["is_bound"] is (objective == "diffusion")
     assert summary["test"]["tokens"] > 0 and math.isfinite(summary["test"]["nll_per_token"])
+    assert summary["tokens_seen"] == 8 * 8 * 32
+    assert summary["epochs"] == pytest.approx(summary["tokens_seen"] / summary["train_tokens"], rel=0.2)
+    assert summary["flops_per_token"] > 6 * summary["non_embedding_parameters"]
+    assert summary["train_tokens_per_s"] > 0 and summary["mfu"] is None  # no peak figure for a CPU
     kinds = {r["kind"] for r in read_metrics(run_dir)}
     assert {"train", "val", "final_valid", "final_test"} <= kinds
     if objective == "diffusion":
