@@ -26,22 +26,35 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, state: dict, *, pointers=("last",)) -> Path:
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is assembled before it is renamed into place. Processes of a
+    DeepSpeed run write their optimizer shards here first (accelerate's save_state)."""
+    return Path(run_dir) / "checkpoints" / f".step-{step:07d}.tmp"
+
+
+def final_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, *, pointers=("last",),
+                    staged: bool = False) -> Path:
+    """Write `weights` (a full state dict) and `state`, then point `pointers` at them.
+
+    `staged`: staging_dir(run_dir, step) was already created (and filled with engine state).
+    """
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
-    name = f"step-{step:07d}"
-    final = root / name
+    final, tmp = final_dir(run_dir, step), staging_dir(run_dir, step)
     if not final.exists():
-        tmp = root / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(weights, tmp / "model.safetensors")
+        if not staged:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
         torch.save(state, tmp / "state.pt")
         os.replace(tmp, final)
     for pointer in pointers:
-        _write_json_atomic(root / f"{pointer}.json", {"step": step, "dir": name, **state.get("pointer_info", {})})
+        _write_json_atomic(root / f"{pointer}.json", {"step": step, "dir": final.name, **state.get("pointer_info", {})})
     _prune(root)
     return final
 

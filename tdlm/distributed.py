@@ -35,6 +35,11 @@ def make_accelerator(mixed_precision: str):
     handlers = []
     if multi_process_cpu and using_deepspeed():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed.ops
+
+        # DeepSpeed would first compile a shared-memory all-reduce (~100 s); only its inference uses it
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # without gloo named here, every DeepSpeed process on a CPU believes it is rank 0 of 1
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     cpu = multi_process_cpu and not using_deepspeed()
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers)
@@ -64,3 +69,24 @@ class StopAgreement:
         flag = torch.tensor([int(requested)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
+
+
+def configure_deepspeed(accelerator, micro_batch: int, grad_clip: float | None) -> int:
+    """Fill what accelerate cannot infer without a dataloader into the DeepSpeed config (before
+    prepare) and return the ZeRO stage, or 0 when the run does not use DeepSpeed.
+
+    Gradient accumulation stays with tdlm's micro-batch loop (DeepSpeed's own count stays 1) and
+    clipping moves into the engine: under DeepSpeed `clip_grad_norm_` only reports the norm.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return 0
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["gradient_clipping"] = grad_clip or 0.0  # 0 turns clipping off; "auto" would become 1.0
+    stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (1, 2, 3):
+        raise ValueError(f"DeepSpeed ZeRO stage {stage}: tdlm runs stages 1-3; for plain data parallelism "
+                         "use a DDP config (launch/multi_gpu.yaml)")
+    return stage

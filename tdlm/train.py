@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from tdlm import checkpoint as ckpt
 from tdlm.config import RecipeError, RunConfig, resolved_dict, to_toml
 from tdlm.data import load_corpus, pack, train_stream
-from tdlm.distributed import StopAgreement, make_accelerator
+from tdlm.distributed import StopAgreement, configure_deepspeed, make_accelerator
 from tdlm.evaluate import evaluate
 from tdlm.lm import build_model
 from tdlm.monitor import RunLogger, read_metrics
@@ -57,7 +58,13 @@ class Trainer:
             self.corpus = load_corpus(cfg.data, progress=cfg.logging.progress and acc.is_main_process)
         self.vocab = self.corpus.vocab
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
+        self.components = components
         self.built = build_model(cfg, components, vocab_info(self.corpus))
+        net = self.built.model.net  # sized before prepare(): ZeRO-3 leaves empty placeholders in the module
+        self.sizes = {"parameters": net.num_parameters(), "non_embedding_parameters": net.num_parameters(non_embedding=True)}
+        from tdlm.flops import flops_per_token
+
+        self.flops_per_token = flops_per_token(net, cfg.data.seq_len)["total"]
         self.valid_seqs, _ = pack(self.corpus.splits["valid"], cfg.data.seq_len)
         self.stream = train_stream(self.corpus, cfg.data, self.tc.batch_size, cfg.run.seed,
                                    rank=acc.process_index, world_size=acc.num_processes)
@@ -71,6 +78,7 @@ class Trainer:
         if self.tc.compile:
             model.net.compile()  # in place: state_dict keys stay the same
         self.optimizer = build_optimizer(model, self.tc)
+        self.deepspeed = configure_deepspeed(acc, self.micro, self.tc.grad_clip)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.step, self.best = 0, math.inf
         if resume:
@@ -137,6 +145,7 @@ class Trainer:
             sync = i == len(micro_batches) - 1  # all-reduce gradients once, on the last micro-batch
             chunk = acc.process_index * len(micro_batches) + i
             generator = step_generator(self.cfg.run.seed, self.step, chunk, acc.device)
+            acc.sync_gradients = sync  # DeepSpeed steps inside backward() whenever this is set
             with acc.no_sync(model) if not sync else contextlib.nullcontext():
                 loss, stats = model(micro, generator)
                 acc.backward(loss / len(micro_batches))
@@ -208,15 +217,35 @@ class Trainer:
         return [self.vocab.decode(row.tolist()) for row in out.tokens]
 
     def save(self) -> None:
+        """A full-weights checkpoint any single process can load (`tdlm eval`, `tdlm sample`), plus
+        what resuming needs: the optimizer state in state.pt, or, under DeepSpeed, the engine's
+        own sharded state (accelerate's save_state, one file per process) beside it."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        weights = acc.get_state_dict(self.model)  # every process: under ZeRO-3 this gathers the shards
+        staging = ckpt.staging_dir(self.run_dir, self.step)
+        fresh = not ckpt.final_dir(self.run_dir, self.step).exists()
+        if self.deepspeed and fresh:
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(staging / "engine"))
+            acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"step": self.step, "best": self.best, "optimizer": self.optimizer.state_dict(),
-                     "rng": ckpt.rng_state(), "pointer_info": {"val_nll": getattr(self, "last_val", {}).get("nll_per_token")}}
+            state = {"step": self.step, "best": self.best, "rng": ckpt.rng_state(), "engine": self.engine_name(),
+                     "processes": acc.num_processes,
+                     "pointer_info": {"val_nll": getattr(self, "last_val", {}).get("nll_per_token")}}
+            if not self.deepspeed:
+                state["optimizer"] = self.optimizer.state_dict()
             pointers = ("last", "best") if getattr(self, "is_best", False) else ("last",)
-            ckpt.save_checkpoint(self.run_dir, self.step, acc.unwrap_model(self.model), state, pointers=pointers)
-            self.is_best = False
+            ckpt.save_checkpoint(self.run_dir, self.step, weights, state, pointers=pointers,
+                                 staged=self.deepspeed and fresh)
+        self.is_best = False
         acc.wait_for_everyone()
+
+    def engine_name(self) -> str:
+        return f"deepspeed-zero{self.deepspeed}" if self.deepspeed else "ddp" if self.accelerator.num_processes > 1 else "single"
 
     def finish(self, status: str, bar) -> dict:
         """Score the best checkpoint on the full valid and test splits and write summary.json."""
@@ -226,13 +255,14 @@ class Trainer:
                    "tokens_seen": self.step * self.tc.batch_size * self.cfg.data.seq_len,
                    "train_tokens": self.stream.num_sequences * self.cfg.data.seq_len,  # unique, as packed
                    "epochs": self.stream.epoch_of(self.step),
-                   "parameters": self.built.model.net.num_parameters(),
-                   "non_embedding_parameters": self.built.model.net.num_parameters(non_embedding=True),
+                   **self.sizes, "engine": self.engine_name(),
                    "device": _device_name(acc.device), "processes": acc.num_processes,
                    **self._throughput(),
                    "wall_time_s": time.perf_counter() - self.started}
         if status == "finished":
-            model = acc.unwrap_model(self.model)
+            # the best weights, in a plain copy of the model on every process (the trained module
+            # may be partitioned by ZeRO-3); processes share the scoring as in training
+            model = build_model(self.cfg, self.components, vocab_info(self.corpus)).model.to(acc.device)
             best_dir = ckpt.checkpoint_dir(self.run_dir, "best")
             ckpt.load_weights(model, best_dir)
             summary["checkpoint"] = best_dir.name
@@ -249,10 +279,9 @@ class Trainer:
 
     def _throughput(self) -> dict:
         """Training tokens/s of this session (eval and saving excluded), FLOPs per token and MFU."""
-        from tdlm.flops import flops_per_token, mfu, peak_flops
+        from tdlm.flops import mfu, peak_flops
 
-        acc = self.accelerator
-        per_token = flops_per_token(self.built.model.net, self.cfg.data.seq_len)["total"]
+        acc, per_token = self.accelerator, self.flops_per_token
         rate = self.timed_steps * self.tokens_per_step / self.train_seconds if self.train_seconds else None
         peak = peak_flops(acc.device, acc.mixed_precision)
         return {"train_tokens_per_s": rate, "flops_per_token": per_token,
@@ -270,10 +299,22 @@ class Trainer:
             )
 
     def _resume(self) -> None:
+        acc = self.accelerator
         path = ckpt.checkpoint_dir(self.run_dir, "last")
-        ckpt.load_weights(self.accelerator.unwrap_model(self.model), path)
         state = ckpt.load_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        written_by = state.get("engine", "single")
+        if self.deepspeed or written_by.startswith("deepspeed"):
+            if written_by != self.engine_name() or state.get("processes") != acc.num_processes:
+                raise RecipeError(
+                    f"--resume: {path} was written by {state.get('processes')} process(es) with {written_by}; this run "
+                    f"has {acc.num_processes} with {self.engine_name()}. DeepSpeed checkpoints resume only on the "
+                    "same engine and process count (their optimizer state is sharded per process); a plain run "
+                    "resumes on any number of processes. The weights load anywhere: tdlm eval / tdlm sample."
+                )
+            acc.load_state(str(path / "engine"))
+        else:
+            ckpt.load_weights(acc.unwrap_model(self.model), path)
+            self.optimizer.load_state_dict(state["optimizer"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.best = state["step"], state["best"]
         if self.accelerator.is_main_process:  # drop records the interrupted run wrote after this checkpoint
@@ -283,13 +324,12 @@ class Trainer:
     def _announce(self) -> None:
         self.started = time.perf_counter()
         if self.accelerator.is_main_process:
-            net = self.built.model.net
             tqdm.write(
                 f"tdlm: {self.cfg.run.name} -> {self.run_dir} | {self.cfg.objective.name} objective | "
-                f"{net.num_parameters():,} parameters ({net.num_parameters(non_embedding=True):,} non-embedding) | "
+                f"{self.sizes['parameters']:,} parameters ({self.sizes['non_embedding_parameters']:,} non-embedding) | "
                 f"vocab {self.vocab.size:,} | {self.stream.num_sequences:,} train sequences of {self.cfg.data.seq_len} | "
                 f"{self.total_steps:,} steps ({self.total_steps / self.stream.batches_per_epoch:.2f} epochs) | "
-                f"{self.accelerator.num_processes} process(es) on {_device_name(self.accelerator.device)}"
+                f"{self.accelerator.num_processes} process(es) ({self.engine_name()}) on {_device_name(self.accelerator.device)}"
                 + (f" | resuming at step {self.step}" if self.step else "")
             )
 

@@ -163,3 +163,63 @@ def test_training_from_webdataset_shards_on_one_and_two_processes(tmp_path, corp
         assert two[step] == pytest.approx(one[step], abs=LOSS_TOLERANCE), step
     summary = json.loads((tmp_path / "runs" / "two" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["test"]["tokens"] > 0
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def accelerate_launch(config: str, args, env) -> list[str]:
+    """`accelerate launch --config_file launch/CONFIG -m tdlm ARGS`, as the README says."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(ROOT, "launch", config), "-m", "tdlm", *args]
+    proc = subprocess.run(command, env={k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE")},
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def test_the_documented_two_process_cpu_launch_config(recipe, env, one_process_run):
+    out = accelerate_launch("cpu_2proc.yaml", ["run", str(recipe), *COMMON, "--set", "run.name=launched"], env)
+    assert "2 process(es) (ddp)" in out
+    launched = train_losses(recipe.parent / "runs" / "launched")
+    for step, loss in train_losses(one_process_run).items():
+        assert launched[step] == pytest.approx(loss, abs=LOSS_TOLERANCE), step
+
+
+@pytest.fixture(scope="module")
+def deepspeed_env(env):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is in the dev and deepspeed extras")
+    return {**env, "DS_ACCELERATOR": "cpu"}
+
+
+def test_deepspeed_zero2_follows_the_one_process_curve_and_its_weights_load_in_plain_eval(
+        recipe, deepspeed_env, one_process_run):
+    out = accelerate_launch("cpu_deepspeed_zero2.yaml", ["run", str(recipe), *COMMON, "--set", "run.name=zero2"],
+                            deepspeed_env)
+    assert "2 process(es) (deepspeed-zero2)" in out
+    run_dir = recipe.parent / "runs" / "zero2"
+    zero2 = train_losses(run_dir)
+    for step, loss in train_losses(one_process_run).items():
+        assert zero2[step] == pytest.approx(loss, abs=LOSS_TOLERANCE), step
+    summary = json.loads((run_dir / "summary.json").read_text())
+    [plain] = run(["eval", str(run_dir), "--split", "test", "--json", "--device", "cpu"], deepspeed_env)
+    plain = json.loads(plain[plain.index("{"):])
+    assert plain["tokens"] == summary["test"]["tokens"]
+    assert plain["nll_per_token"] == pytest.approx(summary["test"]["nll_per_token"], abs=1e-6)
+
+
+def test_deepspeed_zero3_stops_and_resumes_exactly_and_refuses_another_process_count(
+        recipe, deepspeed_env, one_process_run):
+    args = ["run", str(recipe), *COMMON, "--set", "run.name=zero3"]
+    accelerate_launch("cpu_deepspeed_zero3.yaml", [*args, "--stop-at", "4"], deepspeed_env)
+    # its optimizer state is sharded over 2 processes: resuming on 1 is refused, nothing is lost
+    [proc] = start([*args, "--resume"], deepspeed_env)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "same engine and process count" in out, out[-2000:]
+    accelerate_launch("cpu_deepspeed_zero3.yaml", [*args, "--resume"], deepspeed_env)
+    zero3 = train_losses(recipe.parent / "runs" / "zero3")
+    for step, loss in train_losses(one_process_run).items():
+        assert zero3[step] == pytest.approx(loss, abs=LOSS_TOLERANCE), step
+    [sample] = run(["sample", str(recipe.parent / "runs" / "zero3"), "--num", "1", "--length", "8", "--json"],
+                   deepspeed_env)
+    assert json.loads(sample[sample.index("{"):])["nfe"] > 0
