@@ -49,25 +49,15 @@ class DataConfig(BaseModel):
     max_train_tokens: int | None = Field(None, ge=1)
     """Keep only the first this many train tokens (quick runs); valid/test are never cut."""
 
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, value: str) -> str:
-        if value not in FORMATS:
-            raise ValueError(f"unknown format {value!r}; allowed: {', '.join(map(repr, FORMATS))}")
-        return value
 
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        if value not in DATASETS:
-            raise ValueError(f"unknown dataset {value!r}; allowed: {', '.join(map(repr, DATASETS))}")
-        return value
 
-    @field_validator("tokenizer")
+
+    @field_validator("format", "dataset", "tokenizer")
     @classmethod
-    def _known_tokenizer(cls, value: str) -> str:
-        if value not in TOKENIZERS:
-            raise ValueError(f"unknown tokenizer {value!r}; allowed: {', '.join(map(repr, TOKENIZERS))}")
+    def _known_choice(cls, value: str, info) -> str:
+        allowed = {"format": FORMATS, "dataset": DATASETS, "tokenizer": TOKENIZERS}[info.field_name]
+        if value not in allowed:
+            raise ValueError(f"unknown {info.field_name} {value!r}; allowed: {', '.join(map(repr, allowed))}")
         return value
 
     @model_validator(mode="after")
