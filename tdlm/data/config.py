@@ -49,9 +49,6 @@ class DataConfig(BaseModel):
     max_train_tokens: int | None = Field(None, ge=1)
     """Keep only the first this many train tokens (quick runs); valid/test are never cut."""
 
-
-
-
     @field_validator("format", "dataset", "tokenizer")
     @classmethod
     def _known_choice(cls, value: str, info) -> str:
