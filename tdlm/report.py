@@ -376,8 +376,9 @@ def write_report(roots: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
     unfinished = [r.name for r in runs if not r.finished]
     parts = [f"# tdlm report: {len(runs)} runs under {', '.join(map(str, roots))}", "",
              markdown_table(*table_rows(runs)), "",
-             "NELBO / NLL in nats per token ± standard error; `<=` marks a perplexity bound (diffusion). "
-             "Unique train tokens and epochs are estimated from the logged epoch where summary.json lacks them.", ""]
+             "NELBO / NLL in nats per token ± standard error; `<=` marks a perplexity bound (diffusion)."
+             + (" Unique train tokens and epochs are estimated from the logged epoch where summary.json lacks them."
+                if any(r.summary.get("train_tokens") is None for r in runs) else ""), ""]
     if unfinished:
         parts += [f"Not finished (left out of the final-value plots): {', '.join(unfinished)}.", ""]
     parts += comparison_lines(runs) + [""]

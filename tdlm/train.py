@@ -222,7 +222,10 @@ class Trainer:
         own sharded state (accelerate's save_state, one file per process) beside it."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        weights = acc.get_state_dict(self.model)  # every process: under ZeRO-3 this gathers the shards
+        if self.deepspeed:  # every process takes part: under ZeRO-3 this gathers the shards
+            weights = acc.get_state_dict(self.model)
+        else:  # (get_state_dict would import DeepSpeed whenever it is installed)
+            weights = acc.unwrap_model(self.model).state_dict()
         staging = ckpt.staging_dir(self.run_dir, self.step)
         fresh = not ckpt.final_dir(self.run_dir, self.step).exists()
         if self.deepspeed and fresh:
