@@ -59,9 +59,14 @@ def start(args, env, world_size: int = 1) -> list[subprocess.Popen]:
 
 def wait(procs, timeout: float = 240) -> list[str]:
     outputs = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=timeout)
-        outputs.append(out)
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            outputs.append(out)
+    finally:  # a hung rank (e.g. waiting in a collective the others never join) must not outlive the test
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:]
     return outputs
