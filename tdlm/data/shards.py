@@ -55,6 +55,7 @@ import torch
 from tdlm.data.config import DataConfig
 from tdlm.data.corpus import Corpus
 from tdlm.data.locate import DataNotFoundError
+from tdlm.data.packing import GlobalBatches
 from tdlm.data.tokenizer import Vocab, vocab_from_tokenizer
 
 FORMAT_NAME = "tdlm-shards"
@@ -221,7 +222,7 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed % (1 << 64), spawn_key=key))
 
 
-class ShardStream:
+class ShardStream(GlobalBatches):
     """BatchStream's interface and guarantees, read from train shards on demand: `get(step)` is
     a pure function of (seed, step), rank r of W gets its slice of the same global batch, and
     only the shards holding that batch are read (order: see the module docstring).
@@ -231,47 +232,24 @@ class ShardStream:
     """
 
     def __init__(self, manifest_dir: str | Path, global_batch: int, seed: int, *, rank: int = 0, world_size: int = 1):
-        if global_batch < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"need global_batch >= 1 and 0 <= rank < world_size, got {global_batch=}, {rank=}, {world_size=}"
-            )
-        if global_batch % world_size != 0:
-            raise ValueError(f"global_batch {global_batch} is not divisible by world_size {world_size}")
         self.directory = Path(manifest_dir).expanduser()
         self.manifest = read_manifest(self.directory)
         self.seq_len = self.manifest["seq_len"]
         self.shards = self.manifest["splits"]["train"]["shards"]
         self.shard_sizes = np.array([shard["sequences"] for shard in self.shards], dtype=np.int64)
-        n = int(self.shard_sizes.sum())
-        self.batches_per_epoch = n // global_batch
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"only {n} train sequences of length {self.seq_len} in {self.directory}, fewer than one global "
-                f"batch of {global_batch}: lower the batch size, or prepare shards from more text"
-            )
-        self.global_batch, self.seed = global_batch, seed
-        self.rank, self.world_size = rank, world_size
-        self.local_batch = global_batch // world_size
+        super().__init__(
+            int(self.shard_sizes.sum()), global_batch, seed, rank=rank, world_size=world_size,
+            too_few=f"train sequences of length {self.seq_len} in {self.directory}, fewer than one global "
+                    f"batch of {global_batch}: lower the batch size, or prepare shards from more text",
+        )
         smallest = int(self.shard_sizes[self.shard_sizes > 0].min())
         self.cache_size = max(SHARD_CACHE, -(-self.local_batch // smallest) + 1)
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # (epoch, shard) -> rows
         self._epoch, self._order, self._starts = None, None, None  # the current epoch's shard order
 
-    @property
-    def num_sequences(self) -> int:
-        """Train sequences in all shards (the manifest's count: no shard is read)."""
-        return int(self.shard_sizes.sum())
-
-    def epoch_of(self, step: int) -> float:
-        """Epochs completed before `step`, fractional: step 0 is 0.0, step batches_per_epoch is 1.0."""
-        return step / self.batches_per_epoch
-
     def get(self, step: int) -> torch.LongTensor:
         """This rank's rows [global_batch // world_size, seq_len] of global batch `step`."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        epoch, index = divmod(step, self.batches_per_epoch)
-        start = index * self.global_batch + self.rank * self.local_batch
+        epoch, start = self.local_rows(step)
         order, starts = self._shard_order(epoch)
         position = int(np.searchsorted(starts, start, side="right")) - 1  # the shard holding row `start`
         pieces, stop = [], start + self.local_batch
