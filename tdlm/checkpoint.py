@@ -32,6 +32,14 @@ def staging_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f".step-{step:07d}.tmp"
 
 
+def open_staging(run_dir: Path, step: int) -> Path:
+    """An empty staging_dir(run_dir, step): what a crash mid-save left there is discarded."""
+    tmp = staging_dir(run_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def final_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
 
@@ -48,8 +56,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, *, poi
     final, tmp = final_dir(run_dir, step), staging_dir(run_dir, step)
     if not final.exists():
         if not staged:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            open_staging(run_dir, step)
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
         torch.save(state, tmp / "state.pt")
         os.replace(tmp, final)

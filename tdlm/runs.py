@@ -20,7 +20,7 @@ def vocab_info(corpus) -> VocabInfo:
     """The vocabulary facts components get, with the train split's token counts (from the
     manifest when the train split is streamed from shards)."""
     vocab = corpus.vocab
-    counts = getattr(corpus, "train_token_counts", None)
+    counts = corpus.train_token_counts
     if counts is None:
         counts = np.bincount(corpus.splits["train"], minlength=vocab.size)[: vocab.size]
     return VocabInfo(size=vocab.size, mask_id=vocab.mask_id, bos_id=vocab.bos_id, token_counts=counts)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from tdlm.config import RecipeError, RunConfig, resolved_dict, to_toml
 from tdlm.data import load_corpus, pack, train_stream
 from tdlm.distributed import StopAgreement, configure_deepspeed, make_accelerator
 from tdlm.evaluate import evaluate
+from tdlm.flops import flops_per_token, mfu, peak_flops
 from tdlm.lm import build_model
 from tdlm.monitor import RunLogger, read_metrics
 from tdlm.optim import build_optimizer, lr_at
@@ -59,11 +59,10 @@ class Trainer:
         self.vocab = self.corpus.vocab
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
         self.components = components
-        self.built = build_model(cfg, components, vocab_info(self.corpus))
+        self.vocab_info = vocab_info(self.corpus)  # counts the train tokens: once
+        self.built = build_model(cfg, components, self.vocab_info)
         net = self.built.model.net  # sized before prepare(): ZeRO-3 leaves empty placeholders in the module
         self.sizes = {"parameters": net.num_parameters(), "non_embedding_parameters": net.num_parameters(non_embedding=True)}
-        from tdlm.flops import flops_per_token
-
         self.flops_per_token = flops_per_token(net, cfg.data.seq_len)["total"]
         self.valid_seqs, _ = pack(self.corpus.splits["valid"], cfg.data.seq_len)
         self.stream = train_stream(self.corpus, cfg.data, self.tc.batch_size, cfg.run.seed,
@@ -178,7 +177,7 @@ class Trainer:
         self.window_stats = {}
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
 
-    def evaluate_and_sample(self, *, sequences: int | None = -1, split: str = "valid") -> dict | None:
+    def evaluate_and_sample(self, *, sequences: int | None = -1, split: str = "valid") -> dict:
         """Every process scores its share of the batches; all of them get the gathered result."""
         model = self.accelerator.unwrap_model(self.model)
         limit = self.tc.eval_sequences if sequences == -1 else sequences
@@ -226,14 +225,12 @@ class Trainer:
             weights = acc.get_state_dict(self.model)
         else:  # (get_state_dict would import DeepSpeed whenever it is installed)
             weights = acc.unwrap_model(self.model).state_dict()
-        staging = ckpt.staging_dir(self.run_dir, self.step)
         fresh = not ckpt.final_dir(self.run_dir, self.step).exists()
         if self.deepspeed and fresh:
             if acc.is_main_process:
-                shutil.rmtree(staging, ignore_errors=True)
-                staging.mkdir(parents=True)
+                ckpt.open_staging(self.run_dir, self.step)
             acc.wait_for_everyone()
-            acc.save_state(str(staging / "engine"))
+            acc.save_state(str(ckpt.staging_dir(self.run_dir, self.step) / "engine"))
             acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": self.step, "best": self.best, "rng": ckpt.rng_state(), "engine": self.engine_name(),
@@ -255,7 +252,7 @@ class Trainer:
         acc = self.accelerator
         bar.close()
         summary = {"status": status, "step": self.step, "total_steps": self.total_steps,
-                   "tokens_seen": self.step * self.tc.batch_size * self.cfg.data.seq_len,
+                   "tokens_seen": self.step * self.tokens_per_step,
                    "train_tokens": self.stream.num_sequences * self.cfg.data.seq_len,  # unique, as packed
                    "epochs": self.stream.epoch_of(self.step),
                    **self.sizes, "engine": self.engine_name(),
@@ -265,7 +262,7 @@ class Trainer:
         if status == "finished":
             # the best weights, in a plain copy of the model on every process (the trained module
             # may be partitioned by ZeRO-3); processes share the scoring as in training
-            model = build_model(self.cfg, self.components, vocab_info(self.corpus)).model.to(acc.device)
+            model = build_model(self.cfg, self.components, self.vocab_info).model.to(acc.device)
             best_dir = ckpt.checkpoint_dir(self.run_dir, "best")
             ckpt.load_weights(model, best_dir)
             summary["checkpoint"] = best_dir.name
@@ -282,8 +279,6 @@ class Trainer:
 
     def _throughput(self) -> dict:
         """Training tokens/s of this session (eval and saving excluded), FLOPs per token and MFU."""
-        from tdlm.flops import mfu, peak_flops
-
         acc, per_token = self.accelerator, self.flops_per_token
         rate = self.timed_steps * self.tokens_per_step / self.train_seconds if self.train_seconds else None
         peak = peak_flops(acc.device, acc.mixed_precision)
