@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tdlm import genmetrics
+from tdlm.data import train_tokens
 
 COLLAPSE_PROMPT_FRACTION = 4  # default frequency-collapse prompt: a quarter of the length
 
@@ -335,12 +336,3 @@ def format_report(result: dict) -> str:
         lines.append(f"  frequency collapse (H unigram {curve['unigram_entropy']:.2f} nats): {points}")
     return "\n".join(lines)
 
-
-def train_tokens(corpus, data_cfg) -> np.ndarray:
-    """The train token stream: in memory for text data, read from the shards for webdataset
-    (all of them: the unseen-bigram rate needs every train bigram)."""
-    if "train" in corpus.splits:
-        return corpus.splits["train"]
-    from tdlm.data.shards import read_manifest, split_tokens
-
-    return split_tokens(data_cfg.path, read_manifest(data_cfg.path), "train")

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from tdlm.data.packing import BatchStream, pack
     from tdlm.data.shards import ShardError, ShardStream
     from tdlm.data.shards_prepare import prepare_shards
-    from tdlm.data.streams import train_stream
+    from tdlm.data.streams import train_stream, train_tokens
     from tdlm.data.tokenizer import Vocab, load_vocab
 
 _LAZY = {
@@ -41,6 +41,7 @@ _LAZY = {
     "ShardError": "tdlm.data.shards",
     "prepare_shards": "tdlm.data.shards_prepare",
     "train_stream": "tdlm.data.streams",
+    "train_tokens": "tdlm.data.streams",
 }
 
 __all__ = ["DataConfig", "DataNotFoundError", *_LAZY]

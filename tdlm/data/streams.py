@@ -1,4 +1,4 @@
-"""The train batches a recipe's [data] section asks for: one call, whatever the format."""
+"""The train split a recipe's [data] section asks for, batched or whole: one call, whatever the format."""
 
 from __future__ import annotations
 
@@ -20,3 +20,13 @@ def train_stream(corpus: Corpus, cfg: DataConfig, global_batch: int, seed: int, 
 
     sequences, _ = pack(corpus.splits["train"], cfg.seq_len)
     return BatchStream(sequences, global_batch, seed, rank=rank, world_size=world_size)
+
+
+def train_tokens(corpus: Corpus, cfg: DataConfig):
+    """The whole 1-D train token stream: in memory for text data, read from every train shard
+    for webdataset (for statistics over all of it, e.g. the train bigrams)."""
+    if cfg.format == "webdataset":
+        from tdlm.data.shards import read_manifest, split_tokens
+
+        return split_tokens(cfg.path, read_manifest(cfg.path), "train")
+    return corpus.splits["train"]
