@@ -28,6 +28,21 @@ def test_shipped_recipe_validates(recipe):
     assert set(components) == {"schedule", "corruption", "objective", "sampler"}
 
 
+@pytest.mark.parametrize("name, corruption, exact", [
+    ("tiny_wikitext2_state_dependent.toml", {"name": "state-dependent"}, False),
+    ("tiny_wikitext2_cart.toml", {"name": "cart", "p": 0.3}, True),
+])
+def test_a_research_recipe_is_the_tiny_baseline_with_another_corruption(name, corruption, exact):
+    baseline = read_recipe(ROOT / "recipes/tiny_wikitext2.toml").model_dump()
+    ours = read_recipe(ROOT / "recipes" / name).model_dump()
+    assert {key for key in baseline if baseline[key] != ours[key]} <= {"run", "corruption"}
+    assert {k for k in baseline["run"] if baseline["run"][k] != ours["run"][k]} <= {"name"}  # from the file name
+    if exact:
+        assert ours["corruption"] == corruption
+    else:
+        assert {k: ours["corruption"][k] for k in corruption} == corruption
+
+
 def test_the_tiny_pair_differs_only_in_the_objective_and_sampler():
     diffusion = read_recipe(ROOT / "recipes/tiny_wikitext2.toml").model_dump()
     ar = read_recipe(ROOT / "recipes/tiny_wikitext2_ar.toml").model_dump()

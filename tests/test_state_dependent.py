@@ -359,19 +359,6 @@ def test_recipe_section_builds_it(build):
 # --- recipes and runs ------------------------------------------------------------------------------
 
 
-def test_the_recipe_is_the_tiny_baseline_with_another_corruption():
-    from pathlib import Path
-
-    from tdlm.config import read_recipe
-
-    root = Path(__file__).resolve().parent.parent
-    baseline = read_recipe(root / "recipes/tiny_wikitext2.toml").model_dump()
-    ours = read_recipe(root / "recipes/tiny_wikitext2_state_dependent.toml").model_dump()
-    assert {key for key in baseline if baseline[key] != ours[key]} <= {"run", "corruption"}
-    assert {k for k in baseline["run"] if baseline["run"][k] != ours["run"][k]} <= {"name"}  # from the file name
-    assert ours["corruption"]["name"] == "state-dependent"
-
-
 def test_a_run_trains_evaluates_and_samples(tmp_path, monkeypatch):
     """End to end through the CLI: learned weights initialised from the train split's counts,
     saved with the checkpoint and loaded back for `tdlm eval` and `tdlm sample`."""
