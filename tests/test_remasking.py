@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 
 from nets import Spy
+from toydata import template_canvas
 from tdlm.grids import commit_count, time_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -191,20 +192,12 @@ DIFFUSION_SAMPLERS = [
 ]
 
 
-def template_canvas(mask_id, batch=6):
-    canvas = torch.full((batch, N), mask_id)
-    fixed = torch.zeros(N, dtype=torch.bool)
-    fixed[[0, 1, 2, 7, 8, 15]] = True
-    canvas[:, fixed] = torch.randint(0, V, (batch, int(fixed.sum())), generator=gen(9))
-    return canvas, fixed
-
-
 @pytest.mark.parametrize("sampler", DIFFUSION_SAMPLERS, ids=lambda s: "-".join(map(str, s.values())))
 def test_fixed_tokens_kept_no_mask_left_and_commits_are_final(build, sampler):
     torch.manual_seed(0)
     built = build(vocab_size=V, seq_len=N, sampler=sampler)
     mask_id = built.vocab.mask_id
-    canvas, fixed = template_canvas(mask_id)
+    canvas, fixed = template_canvas(mask_id, V, N, batch=6)
     spy = Spy(built.model.net.eval())
     out = built.sampler.sample(spy, canvas, gen(0))
     assert torch.equal(out.tokens[:, fixed], canvas[:, fixed])
@@ -216,7 +209,7 @@ def test_fixed_tokens_kept_no_mask_left_and_commits_are_final(build, sampler):
 def test_ar_sampler_keeps_a_template(build):
     torch.manual_seed(0)
     built = build(vocab_size=V, seq_len=N, objective="ar", sampler={"name": "ar", "stop_at_eos": True})
-    canvas, fixed = template_canvas(built.vocab.mask_id)
+    canvas, fixed = template_canvas(built.vocab.mask_id, V, N, batch=6)
     out = built.sampler.sample(built.model.net.eval(), canvas, gen(0))
     assert torch.equal(out.tokens[:, fixed], canvas[:, fixed])
     assert ((out.tokens >= 0) & (out.tokens < V)).all()
@@ -227,7 +220,7 @@ def test_positions_limit_what_is_committed(build, name):
     torch.manual_seed(0)
     built = build(vocab_size=V, seq_len=N, sampler={"name": name})
     mask_id = built.vocab.mask_id
-    canvas, fixed = template_canvas(mask_id)
+    canvas, fixed = template_canvas(mask_id, V, N, batch=6)
     positions = torch.zeros_like(canvas, dtype=torch.bool)
     positions[:, 3:6] = True
     out = built.sampler.sample(built.model.net.eval(), canvas, gen(0), positions=positions)

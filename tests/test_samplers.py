@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from scipy import stats
+from toydata import template_canvas
 
 from tdlm.components import sample_categorical
 from tdlm_plugins.ancestral import time_grid
@@ -121,15 +122,6 @@ def test_ar_sampler_with_exact_model_samples_the_distribution(build, exact_next_
 V, N = 20, 16
 
 
-def canvas_with_template(mask_id, batch=8):
-    """Prompt at the start, fixed tokens in the middle and at the end, masks elsewhere."""
-    canvas = torch.full((batch, N), mask_id)
-    fixed = torch.zeros(N, dtype=torch.bool)
-    fixed[[0, 1, 2, 7, 8, 15]] = True
-    canvas[:, fixed] = torch.randint(0, V, (batch, int(fixed.sum())), generator=gen(9))
-    return canvas, fixed
-
-
 @pytest.mark.parametrize("objective", ["diffusion", "ar"])
 @pytest.mark.parametrize("sampler_options", [{}, {"temperature": 0.7}])
 def test_fixed_tokens_are_kept_and_every_mask_is_filled(build, objective, sampler_options):
@@ -138,7 +130,7 @@ def test_fixed_tokens_are_kept_and_every_mask_is_filled(build, objective, sample
     extra = {"steps": 16, "grid": "cosine"} if name == "ancestral" else {"top_k": 5, "top_p": 0.9}
     sampler = {"name": name, **extra, **sampler_options}
     built = build(vocab_size=V, seq_len=N, objective=objective, sampler=sampler)
-    canvas, fixed = canvas_with_template(built.vocab.mask_id)
+    canvas, fixed = template_canvas(built.vocab.mask_id, V, N, batch=8)
     out = built.sampler.sample(built.model.net.eval(), canvas, gen(0))
     assert out.tokens.shape == canvas.shape
     assert torch.equal(out.tokens[:, fixed], canvas[:, fixed])
@@ -153,7 +145,7 @@ def test_ancestral_nfe(build):
     torch.manual_seed(0)
     for steps in [1, 4, 64]:
         built = build(vocab_size=V, seq_len=N, sampler={"name": "ancestral", "steps": steps})
-        canvas, fixed = canvas_with_template(built.vocab.mask_id, batch=1)
+        canvas, fixed = template_canvas(built.vocab.mask_id, V, N, batch=1)
         out = built.sampler.sample(built.model.net.eval(), canvas, gen(steps))
         assert not (out.tokens == built.vocab.mask_id).any()
         # a call is made only when the canvas changed, i.e. at least one token was committed

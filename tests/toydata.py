@@ -1,4 +1,5 @@
-"""Small on-disk corpora and recipes, so training tests run in seconds on 2 CPU cores."""
+"""Small on-disk corpora and recipes, so training tests run in seconds on 2 CPU cores, and
+sampling canvases with fixed tokens."""
 
 from __future__ import annotations
 
@@ -62,3 +63,15 @@ progress = false
 {extra}
 """)
     return path
+
+
+def template_canvas(mask_id: int, vocab_size: int, length: int, batch: int):
+    """A [batch, length] canvas: a prompt at the start (positions 0-2), fixed tokens in the middle
+    (7, 8) and at the end (length - 1), masks elsewhere; and the [length] mask of fixed positions."""
+    import torch
+
+    canvas = torch.full((batch, length), mask_id)
+    fixed = torch.zeros(length, dtype=torch.bool)
+    fixed[[0, 1, 2, 7, 8, length - 1]] = True
+    canvas[:, fixed] = torch.randint(0, vocab_size, (batch, int(fixed.sum())), generator=torch.Generator().manual_seed(9))
+    return canvas, fixed
