@@ -157,14 +157,21 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def read_toml(path: Path, error: type[Exception], missing: str) -> dict:
+    """The TOML file at `path`, or `error` with a one-line message: `missing` when there is no
+    such file, the parser's complaint when it is not valid TOML."""
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: not valid TOML: {exc}") from exc
+
+
 def read_recipe(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} not found (recipes ship in recipes/, e.g. recipes/quick_wikitext2.toml)")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path}: not valid TOML: {exc}") from exc
+    raw = read_toml(path, RecipeError,
+                    f"recipe {str(path)!r} not found (recipes ship in recipes/, e.g. recipes/quick_wikitext2.toml)")
     raw = apply_overrides(raw, list(overrides))
     try:
         cfg = RunConfig.model_validate(raw)

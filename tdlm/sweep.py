@@ -39,14 +39,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from tdlm.config import RecipeError, RunConfig, format_validation_error, read_recipe, resolve_components
+from tdlm.config import RecipeError, RunConfig, format_validation_error, read_recipe, read_toml, resolve_components
 
 SLURM_TEMPLATE = Path(__file__).resolve().parent.parent / "launch" / "slurm_array.sh"
 RESERVED_KEYS = ("run.name", "run.out_dir")  # the sweep sets these itself
@@ -129,12 +128,7 @@ def load_sweep(path: str | Path, registry=None) -> Sweep:
     from tdlm.plugins import build_registry
 
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {str(path)!r} not found (sweeps ship in recipes/sweeps/)")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise SweepError(f"{path}: not valid TOML: {exc}") from exc
+    raw = read_toml(path, SweepError, f"sweep file {str(path)!r} not found (sweeps ship in recipes/sweeps/)")
     spec = _validate_spec(raw, path)
     registry = registry or build_registry()
     bases = [path.parent / b for b in ([spec.sweep.base] if spec.sweep.base else spec.sweep.bases)]
