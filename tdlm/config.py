@@ -3,21 +3,31 @@
 Each component section names its component (`[corruption] name = "uniform"`); the rest of the
 section's keys are validated by that component's own `Config` class. Every error is a single
 line naming the key, raised as RecipeError before any work starts.
+
+TOML has no null, so a field that accepts None is written as the string "none" (NONE), and that
+string given to such a field means None: a saved config.toml reads back as the config it came from.
 """
 
 from __future__ import annotations
 
+import datetime
 import difflib
+import json
+import re
 import tomllib
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tdlm.data.config import DataConfig
 from tdlm.model import ModelConfig
 
 COMPONENT_SECTIONS = ("schedule", "corruption", "objective", "sampler")
+NONE = "none"
+"""The TOML spelling of None, in the fields that accept None."""
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class RecipeError(ValueError):
@@ -103,6 +113,43 @@ class RunConfig(Section):
     training: TrainingConfig = TrainingConfig()
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_from_toml(cls, raw: Any) -> Any:
+        return none_from_toml(cls, raw)
+
+
+def _union_members(annotation) -> tuple:
+    return get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+
+
+def _accepts_none(annotation) -> bool:
+    return annotation is Any or type(None) in _union_members(annotation)
+
+
+def _value_from_toml(annotation, value: Any) -> Any:
+    if value == NONE and _accepts_none(annotation):
+        return None
+    if not isinstance(value, dict):
+        return value
+    for member in _union_members(annotation):
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            return none_from_toml(member, value)
+    if get_origin(annotation) is dict:  # an inline table of options, e.g. semi-ar's inner_options
+        return {key: _value_from_toml(get_args(annotation)[1], item) for key, item in value.items()}
+    return value
+
+
+def none_from_toml(model: type[BaseModel], raw: Any) -> Any:
+    """`raw` (a TOML table for `model`) with NONE turned into None wherever the field it is given
+    to accepts None, in nested sections and inline tables too. Keys `model` does not know (a
+    component section's options) are left for their own Config."""
+    if not isinstance(raw, dict):
+        return raw
+    fields = model.model_fields
+    return {key: _value_from_toml(fields[key].annotation, value) if key in fields else value
+            for key, value in raw.items()}
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -197,7 +244,7 @@ def resolve_components(cfg: RunConfig, registry) -> dict[str, tuple[Any, BaseMod
             section = sampler = ComponentSection(name=objective[0].cls.default_sampler)
         try:
             component = registry.get(kind, section.name)
-            options = component.config_cls.model_validate(section.options())
+            options = component.config_cls.model_validate(none_from_toml(component.config_cls, section.options()))
         except UnknownComponentError as exc:
             problems.append(f"{kind}.name: {exc}")
             continue
@@ -218,23 +265,38 @@ def resolved_dict(cfg: RunConfig, components: dict) -> dict:
     return raw
 
 
+def toml_value(value: Any) -> str:
+    """`value` as TOML text, as a recipe (or `tdlm run --set key=value`) reads it back; None is NONE."""
+    if value is None:
+        return toml_value(NONE)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # inf and nan are spelt the same in TOML
+    if isinstance(value, str):
+        # JSON escapes '"', '\\' and U+0000-U+001F as TOML does, and TOML wants DEL escaped too;
+        # other characters stay as they are (JSON's \ud83d-style surrogate pairs are not TOML).
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table, e.g. semi-ar's inner_options
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (datetime.date, datetime.time)):  # TOML's own date-time values
+        return value.isoformat()
+    raise TypeError(f"{value!r} has no TOML spelling")
+
+
+def toml_key(key: Any) -> str:
+    """A bare key where TOML allows one (`lr = ...`), else a quoted one."""
+    key = str(key)
+    return key if BARE_KEY.fullmatch(key) else toml_value(key)
+
+
 def to_toml(data: dict) -> str:
-    """A small TOML writer for resolved configs (tables of scalars, lists and inline tables)."""
-
-    def scalar(value):
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, str):
-            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(value, (list, tuple)):
-            return "[" + ", ".join(scalar(v) for v in value) + "]"
-        if isinstance(value, dict):  # an inline table, e.g. semi-ar's inner_options
-            return "{" + ", ".join(f"{scalar(str(k))} = {scalar(v)}" for k, v in value.items() if v is not None) + "}"
-        return repr(value)
-
+    """A resolved config (section -> table) as TOML that reads back as the same config."""
     lines = []
     for section, table in data.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {scalar(value)}" for key, value in table.items() if value is not None)
+        lines.append(f"[{toml_key(section)}]")
+        lines.extend(f"{toml_key(key)} = {toml_value(value)}" for key, value in table.items())
         lines.append("")
     return "\n".join(lines)

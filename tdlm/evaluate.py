@@ -2,9 +2,20 @@
 
 Both objectives score the same packed sequences and every token in them (the AR model gets a
 BOS so that the first token is predicted too). Figures are per REAL token, never per masked
-token. The standard error is that of a ratio estimator over sequences, so it covers both the
-spread of the data and the Monte Carlo noise of the diffusion bound; `mc_stderr` is the
-Monte Carlo part alone.
+token. With L_i the NLL in nats of sequence i (summed over its tokens; a NELBO estimate for
+diffusion), c_i its number of tokens and n the number of sequences (the last, shorter one
+included):
+
+    nll_per_token = sum_i L_i / sum_i c_i
+    stderr        = sqrt(n / (n - 1) * sum_i (L_i - nll_per_token * c_i)^2) / sum_i c_i
+    mc_stderr     = sqrt(sum_i Var_MC(L_i)) / sum_i c_i
+    bits_per_byte = sum_i L_i / (ln 2 * UTF-8 bytes of the scored tokens)
+    ppl           = exp(nll_per_token), 95% interval exp(nll_per_token -/+ 1.96 stderr)
+
+`stderr` is that of a ratio estimator over sequences (the delta method), so it covers both the
+spread of the data and the Monte Carlo noise of the diffusion bound; `mc_stderr` is the Monte
+Carlo part alone, Var_MC(L_i) being the objective's estimate of the variance of L_i (the
+variance of the K t samples over K). A perplexity too large for a float is inf.
 """
 
 from __future__ import annotations
@@ -24,6 +35,14 @@ def _batches(sequences: torch.Tensor, tail: torch.Tensor | None, batch_size: int
     if tail is not None and len(tail) > 0:
         batches.append((len(sequences), tail[None, :]))
     return batches
+
+
+def _exp(x: float) -> float:
+    """exp(x), or inf where it overflows: a diverged model still gets its figures reported."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def batch_generator(seed: int, batch_index: int, device) -> torch.Generator:
@@ -105,8 +124,8 @@ def evaluate(
         "bytes": int(scored_bytes),
         "nll_per_token": nll,
         "stderr": stderr,
-        "ppl": math.exp(nll),
-        "ppl_ci95": [math.exp(nll - 1.96 * stderr), math.exp(nll + 1.96 * stderr)],
+        "ppl": _exp(nll),
+        "ppl_ci95": [_exp(nll - 1.96 * stderr), _exp(nll + 1.96 * stderr)],
         "bits_per_byte": totals.sum().item() / (LN2 * scored_bytes),
         "is_bound": is_bound,
     }

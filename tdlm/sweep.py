@@ -32,7 +32,6 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
-import math
 import os
 import re
 import shlex
@@ -45,7 +44,15 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from tdlm.config import RecipeError, RunConfig, format_validation_error, read_recipe, read_toml, resolve_components
+from tdlm.config import (
+    RecipeError,
+    RunConfig,
+    format_validation_error,
+    read_recipe,
+    read_toml,
+    resolve_components,
+    toml_value,
+)
 
 SLURM_TEMPLATE = Path(__file__).resolve().parent.parent / "launch" / "slurm_array.sh"
 RESERVED_KEYS = ("run.name", "run.out_dir")  # the sweep sets these itself
@@ -278,21 +285,6 @@ def _parameters(cfg: RunConfig) -> int | None:
     with torch.device("meta"):
         net = Transformer(cfg.model, vocab_size=vocab, max_len=cfg.data.seq_len, causal=False)
     return net.num_parameters(non_embedding=True)
-
-
-def toml_value(value: Any) -> str:
-    """A value as TOML text, as `tdlm run --set key=value` reads it back."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON's string escapes are valid TOML basic-string escapes
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
-    return json.dumps(str(value))
 
 
 # -- state of a run on disk -----------------------------------------------------------------

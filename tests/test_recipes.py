@@ -1,15 +1,33 @@
-"""Every shipped recipe validates, and bad recipes fail early with a one-line error (exit 2)."""
+"""Every shipped recipe validates, bad recipes fail early with a one-line error (exit 2), and a
+run's saved config.toml reads back as the config it was written from."""
 
 from __future__ import annotations
 
+import json
+import tomllib
 from pathlib import Path
+from typing import Any, get_args
 
 import pytest
 from click.testing import CliRunner
+from pydantic import BaseModel
 
 from tdlm.cli import cli
-from tdlm.config import RecipeError, apply_overrides, parse_override, read_recipe, resolve_components
+from tdlm.config import (
+    NONE,
+    ComponentSection,
+    RecipeError,
+    RunConfig,
+    apply_overrides,
+    parse_override,
+    read_recipe,
+    resolve_components,
+    resolved_dict,
+    to_toml,
+    toml_value,
+)
 from tdlm.plugins import build_registry
+from tdlm.runs import write_run_files
 
 ROOT = Path(__file__).resolve().parent.parent
 # sweep files (recipes/sweeps/) are not recipes: tests/test_sweep.py resolves every run they name
@@ -103,3 +121,87 @@ def test_check_prints_the_resolved_recipe_with_component_defaults():
     assert result.exit_code == 0
     assert "[objective]\nname = \"diffusion\"\nt_eps = 0.001" in result.output
     assert "[sampler]\nname = \"ancestral\"" in result.output
+
+
+# -- the saved config.toml reads back as the run's config ------------------------------------
+def _accepts_none(field) -> bool:
+    return field.annotation is Any or type(None) in get_args(field.annotation)
+
+
+def none_overrides() -> list[str]:
+    """One override per field that accepts None, setting it to None: the recipe's own fields and
+    those of every registered component (that component chosen), semi-ar's inner options too."""
+    overrides = [f"{name}={NONE}" for name, field in RunConfig.model_fields.items() if _accepts_none(field)]
+    for section, field in RunConfig.model_fields.items():
+        model = field.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel) and model is not ComponentSection:
+            overrides += [f"{section}.{name}={NONE}" for name, f in model.model_fields.items() if _accepts_none(f)]
+    for component in build_registry().all():
+        overrides += [f'{component.kind}={{name = "{component.name}", {name} = "{NONE}"}}'
+                      for name, f in component.config_cls.model_fields.items() if _accepts_none(f)]
+    return overrides + [f'sampler={{name = "semi-ar", inner = "ar", inner_options = {{top_p = "{NONE}"}}}}']
+
+
+def set_to_none(override: str) -> list[list[str]]:
+    """The key paths within a section that `override` sets to None."""
+
+    def paths(path, value):
+        if isinstance(value, dict):
+            return [p for key, item in value.items() for p in paths([*path, key], item)]
+        return [path] if value == NONE and len(path) > 1 else []
+
+    return paths(*parse_override(override))
+
+
+def test_every_field_that_accepts_none_is_tried():
+    overrides = none_overrides()
+    for expected in ("sampler=none", "training.grad_clip=none", "training.eval_sequences=none", "data.path=none",
+                     'sampler={name = "ar", top_p = "none"}'):
+        assert expected in overrides
+
+
+@pytest.mark.parametrize("override", none_overrides())
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_the_saved_config_reads_back_as_the_resolved_config(tmp_path, registry, recipe, override):
+    cfg = read_recipe(recipe, [override])
+    resolved = resolved_dict(cfg, resolve_components(cfg, registry))
+    for path in set_to_none(override):
+        node = resolved
+        for key in path:
+            node = node[key]
+        expected = recipe.stem if path == ["run", "name"] else None  # a nameless run is named after its file
+        assert node == expected, path
+    text = to_toml(resolved)
+    (tmp_path / "config.toml").write_text(text)
+    again = read_recipe(tmp_path / "config.toml")  # as `tdlm run` reads a recipe
+    assert resolved_dict(again, resolve_components(again, registry)) == resolved
+    assert to_toml(resolved_dict(again, resolve_components(again, registry))) == text
+
+
+def test_a_run_directory_keeps_grad_clip_and_eval_sequences_none(tmp_path, registry):
+    """The bug this guards: None was left out of config.toml and read back as the default."""
+    cfg = read_recipe(ROOT / "recipes/quick_wikitext2.toml", ["training.grad_clip=none", "training.eval_sequences=none"])
+    write_run_files(tmp_path, cfg, resolve_components(cfg, registry))
+    again = read_recipe(tmp_path / "config.toml")
+    assert again.training.grad_clip is None and again.training.eval_sequences is None
+    assert resolved_dict(again, resolve_components(again, registry)) == json.loads((tmp_path / "config.json").read_text())
+
+
+STRANGE_STRINGS = ['a "quoted" name', r"back\slash, \n and \u00e9 kept as written", "two\nlines\r\n",
+                   "tab\tbell\x07 nul\x00 escape\x1b delete\x7f", "été ✓ 🙂 中文 \u2028", "", "'single' '''"]
+
+
+@pytest.mark.parametrize("text", STRANGE_STRINGS)
+def test_strings_survive_the_writer(text):
+    assert tomllib.loads(f"v = {toml_value(text)}")["v"] == text
+    assert tomllib.loads(f"v = {toml_value({text: [text, None], 'x': None})}")["v"] == {text: [text, NONE], "x": NONE}
+
+
+@pytest.mark.parametrize("text", STRANGE_STRINGS)
+def test_strings_survive_a_saved_config(tmp_path, registry, text):
+    cfg = RunConfig.model_validate({"run": {"name": text}, "data": {"path": text}})
+    resolved = resolved_dict(cfg, resolve_components(cfg, registry))
+    (tmp_path / "config.toml").write_text(to_toml(resolved), encoding="utf-8")
+    again = read_recipe(tmp_path / "config.toml")
+    assert again.run.name == again.data.path == text
+    assert resolved_dict(again, resolve_components(again, registry)) == resolved

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from toydata import toy_recipe, write_toy_corpus
 
 from tdlm.cli import cli
-from tdlm.config import parse_override
-from tdlm.sweep import SweepError, load_sweep, run_sweep, subprocess_runner, toml_value
+from tdlm.config import parse_override, toml_value
+from tdlm.sweep import SweepError, load_sweep, run_sweep, subprocess_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = sorted((ROOT / "recipes" / "sweeps").glob("*.toml"))
@@ -145,8 +145,14 @@ def test_bases_with_one_objective_are_named_by_file_and_one_base_not_at_all(tmp_
     assert [r.name for r in load_sweep(path).runs] == ["toy_diffusion-lr0.001", "other-lr0.001"]
 
 
+def test_a_grid_can_set_a_field_to_none(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, '[grid]\n"training.grad_clip" = ["none", 0.5]\n', bases=("ar",)))
+    assert [(r.name, r.cfg.training.grad_clip) for r in sweep.runs] == [("gradclipnone", None), ("gradclip0.5", 0.5)]
+
+
 @pytest.mark.parametrize("value", [3, -2, 0.0003, 1e-05, 1e16, True, False, "uniform", 'a "quoted" \\ path',
-                                   "été", [0.9, 0.95], {"steps": 8, "grid": "cosine"}, float("inf")])
+                                   "été", "new\nline 🙂", [0.9, 0.95], {"steps": 8, "grid": "cosine"},
+                                   {"a key": "x"}, float("inf")])
 def test_override_values_survive_the_command_line(value):
     _, parsed = parse_override(f"k={toml_value(value)}")
     assert parsed == value and type(parsed) is type(value)
