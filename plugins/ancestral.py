@@ -1,4 +1,4 @@
-"""Ancestral sampling (random remasking) over a time grid 1 = t_0 > ... > t_T = 0 (MATH.md 5)."""
+"""Ancestral sampling (random remasking) over a time grid 1 = t_0 > ... > t_T = 0 (docs/maths.md section 5)."""
 
 from typing import Literal
 
@@ -23,24 +23,31 @@ class AncestralSampler(Sampler):
         corruption = self.objective.corruption
         grid = time_grid(self.config.steps, self.config.grid, canvas.device)
         x, nfe, probs = canvas.clone(), 0, None
+        stale = torch.ones(batch, dtype=torch.bool, device=canvas.device)  # rows whose x changed
         for i in range(self.config.steps):
             masked = x == mask_id
             if positions is not None:
                 masked &= positions
             if not masked.any():
                 break
-            if probs is None:  # the denoiser ignores t, so an unchanged x_t needs no new call
-                logits = net(x).double() / self.config.temperature
-                probs, nfe = torch.softmax(logits, dim=-1), nfe + 1
+            # the denoiser ignores t, so only the rows whose x_t changed need a new call
+            rows = stale.nonzero(as_tuple=True)[0]
+            if len(rows):
+                logits = net(x[rows]).double() / self.config.temperature
+                if probs is None:
+                    probs = logits.new_empty(batch, *logits.shape[1:])
+                probs[rows], nfe = torch.softmax(logits, dim=-1), nfe + 1
             t, s = grid[i].expand(batch), grid[i + 1].expand(batch)
-            unmask = corruption.reverse_unmask_probs(probs, x, t, s)
-            stay = (1.0 - unmask.sum(-1, keepdim=True)).clamp_min(0.0)
-            choice = sample_categorical(torch.cat([unmask, stay], dim=-1), generator)
-            # index V (one past the real tokens) is "stay masked", which is exactly mask_id
-            new_x = torch.where(masked, choice, x)
-            if not torch.equal(new_x, x):
-                probs = None
-            x = new_x
+            unmask = corruption.reverse_unmask_probs(probs, x, t, s)  # [B, N, V]
+            # first whether each position unmasks (probability sum_v unmask_v), then which token,
+            # only where one does: the same joint law as one draw over V tokens + "stay masked"
+            leave = torch.rand(masked.shape, generator=generator, device=x.device, dtype=torch.float64)
+            moves = masked & (leave < unmask.sum(-1))
+            if moves.any():
+                x[moves] = sample_categorical(unmask[moves], generator)
+            stale = moves.any(-1)
+            if moves.any():
+                self.record(x)
         return SampleOutput(tokens=x, nfe=nfe)
 
 

@@ -1,10 +1,10 @@
 """The autoregressive baseline: exact NLL of every token, the first one predicted from a BOS."""
 
 import torch
-import torch.nn.functional as F
 
 from tdlm import hookimpl
 from tdlm.components import Objective, SequenceScores
+from tdlm.head import all_positions_scores
 
 
 class AutoregressiveObjective(Objective):
@@ -12,23 +12,21 @@ class AutoregressiveObjective(Objective):
     default_sampler = "ar"
 
     def shifted_inputs(self, x0):
-        """[BOS, x_0 .. x_{N-2}]: position i predicts x_i, so all N tokens are scored (MATH.md 2)."""
+        """[BOS, x_0 .. x_{N-2}]: position i predicts x_i, so all N tokens are scored (docs/maths.md section 2)."""
         bos = torch.full_like(x0[:, :1], self.vocab.bos_id)
         return torch.cat([bos, x0[:, :-1]], dim=1)
 
     def token_nll(self, net, x0):
-        logits = net(self.shifted_inputs(x0))
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none")
-        return nll.view(x0.shape), logits
+        """-log p(x0_i | x0_<i) [B, N] float32, the head applied in chunks (no [B, N, V] logits)."""
+        return all_positions_scores(net, self.shifted_inputs(x0), x0)
 
     def loss(self, net, x0, generator):
-        nll, _ = self.token_nll(net, x0)
-        return nll.mean(), {}
+        return self.token_nll(net, x0).mean(), {}
 
     @torch.no_grad()
     def score(self, net, x0, *, generator, t_samples):
-        nll, logits = self.token_nll(net, x0)
-        correct = (logits.argmax(-1) == x0).sum().double()
+        nll, argmax = all_positions_scores(net, self.shifted_inputs(x0), x0, with_argmax=True)
+        correct = (argmax == x0).sum().double()
         return SequenceScores(
             nll=nll.double().sum(-1), is_bound=False, extras={"next_token_correct": correct.view(1)}
         )

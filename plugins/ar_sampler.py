@@ -5,6 +5,7 @@ from pydantic import Field
 
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig, SampleOutput, Sampler, sample_categorical
+from tdlm.head import last_position_logits
 
 
 def filter_probs(probs: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -47,12 +48,14 @@ class AutoregressiveSampler(Sampler):
                 to_fill &= ~ended
             if not to_fill.any():
                 continue
-            logits = net(inputs[:, : j + 1])[:, -1].double() / self.config.temperature
+            # the head at the last position only: the others' logits would be thrown away
+            logits = last_position_logits(net, inputs[:, : j + 1]).double() / self.config.temperature
             nfe += 1
             probs = filter_probs(torch.softmax(logits, -1), self.config.top_k, self.config.top_p)
             x[:, j] = torch.where(to_fill, sample_categorical(probs, generator), x[:, j])
             inputs[:, j + 1] = x[:, j]
             ended |= to_fill & (x[:, j] == eos_id)
+            self.record(x)
         return SampleOutput(tokens=x, nfe=nfe)
 
 

@@ -1,6 +1,6 @@
 """Speculative decoding of an autoregressive target with a masked-diffusion draft.
 
-MATH.md section 5 (Christopher et al. 2024). The target chain is the `ar` sampler's: the masked
+docs/maths.md section 5 (Christopher et al. 2024). The target chain is the `ar` sampler's: the masked
 positions of the canvas are filled left to right, position i from p_i(. | x_<i) (temperature,
 top-k, top-p as in `ar`). One round, per row:
   1. the diffusion draft sees the canvas (the prefix, fixed tokens and masks) and, in ONE call,

@@ -1,4 +1,4 @@
-"""CART: context-adaptive token-level loss weights (Dream, 2025; MATH.md section 4).
+"""CART: context-adaptive token-level loss weights (Dream, 2025; docs/maths.md section 4).
 
 The forward process is `uniform`'s (each position masked with probability 1 - alpha_t). Only the
 training weighting changes: the masked cross-entropy at position n is multiplied by
@@ -17,7 +17,7 @@ from pydantic import Field
 
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig
-from tdlm_plugins.uniform import UniformMasking, masked_cross_entropy
+from tdlm_plugins.uniform import UniformMasking
 
 
 def cart_kernel(length: int, p: float, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -42,9 +42,8 @@ class CARTMasking(UniformMasking):
 
     def training_terms(self, denoise, x0, t, generator):
         xt = self.corrupt(x0, t, generator)
-        masked = xt == self.vocab.mask_id
-        weights = cart_weights(masked, self.config.p)
-        return weights * masked_cross_entropy(denoise(xt), x0, masked)
+        weights = cart_weights(xt == self.vocab.mask_id, self.config.p)
+        return weights * denoise(xt).cross_entropy(x0)
 
 
 @hookimpl

@@ -1,11 +1,11 @@
-"""The continuous-time masked-diffusion NELBO (MATH.md section 1) as training loss and score."""
+"""The continuous-time masked-diffusion NELBO (docs/maths.md section 1) as training loss and score."""
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig, Objective, SequenceScores, stratified_times
+from tdlm.head import Denoised
 
 T_BUCKETS = 10  # per-bucket figures by mask rate, t in tenths
 
@@ -27,7 +27,7 @@ class DiffusionObjective(Objective):
         else:
             t = torch.rand(batch, generator=generator, device=x0.device)
         t = self.config.t_eps + (1.0 - self.config.t_eps) * t
-        terms = self.corruption.training_terms(net, x0, t, generator)
+        terms = self.corruption.training_terms(self.denoiser(net), x0, t, generator)
         per_sequence = terms.sum(-1)
         loss = per_sequence.sum() / x0.numel()
         bucket = (t * T_BUCKETS).long().clamp_(max=T_BUCKETS - 1)
@@ -37,6 +37,10 @@ class DiffusionObjective(Objective):
             "bucket_count": zeros.scatter_add(0, bucket, torch.ones_like(t)),
         }
         return loss, stats
+
+    def denoiser(self, net):
+        """x_t -> Denoised: the head is applied only at x_t's masked positions, when asked."""
+        return lambda xt: Denoised(net, xt, self.vocab.mask_id)
 
     @torch.no_grad()
     def score(self, net, x0, *, generator, t_samples):
@@ -51,18 +55,16 @@ class DiffusionObjective(Objective):
             # float64 t, clamped only off exact zero: no clipping, so the estimate stays a bound
             t = ((u + k / t_samples) % 1.0).clamp_min(1e-12)
             xt = self.corruption.corrupt(x0, t, generator)
-            logits = net(xt)
-            draws[k] = self.corruption.nelbo_terms(logits, x0, xt, t).double().sum(-1)
-            # per-bucket figures from the masked positions only (half the work of all positions)
-            masked = xt == self.vocab.mask_id
-            rows = masked.nonzero(as_tuple=True)[0]
-            masked_logits, targets = logits[masked].float(), x0[masked]
-            ce = F.cross_entropy(masked_logits, targets, reduction="none").double()
-            hit = (masked_logits.argmax(-1) == targets).double()
+            denoised = Denoised(net, xt, self.vocab.mask_id)
+            # one pass over the head at the masked positions gives the per-bucket figures and
+            # the cross-entropy that nelbo_terms reads back
+            ce, hit = denoised.masked_scores(x0)
+            draws[k] = self.corruption.nelbo_terms(denoised, x0, xt, t).double().sum(-1)
+            rows = denoised.masked.nonzero(as_tuple=True)[0]
             bucket = (t * T_BUCKETS).long().clamp_(max=T_BUCKETS - 1)[rows]
-            ce_sum.index_add_(0, bucket, ce)
-            correct.index_add_(0, bucket, hit)
-            count.index_add_(0, bucket, torch.ones_like(ce))
+            ce_sum.index_add_(0, bucket, ce.double())
+            correct.index_add_(0, bucket, hit.double())
+            count.index_add_(0, bucket, torch.ones_like(ce, dtype=torch.float64))
         nll_var = draws.var(0) / t_samples if t_samples > 1 else None
         extras = {"bucket_ce": ce_sum, "bucket_correct": correct, "bucket_masked": count}
         return SequenceScores(nll=draws.mean(0), is_bound=True, nll_var=nll_var, extras=extras)

@@ -1,4 +1,4 @@
-"""Confidence-ordered decoding (MATH.md section 5): commit the masked positions the model is surest of.
+"""Confidence-ordered decoding (docs/maths.md section 5): commit the masked positions the model is surest of.
 
 Each step calls the network once on the whole canvas, predicts a token for every masked
 position together with a confidence, commits some of them and leaves the rest masked.
@@ -75,6 +75,7 @@ class RemaskingSampler(Sampler):
             confidence = confidence.masked_fill(~eligible, float("-inf"))
             commit = self.choose(step, confidence, eligible, start) & eligible
             x = torch.where(commit, tokens, x)
+            self.record(x)
         return SampleOutput(tokens=x, nfe=nfe)
 
 

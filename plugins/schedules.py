@@ -1,4 +1,4 @@
-"""Noise schedules alpha_t (MATH.md section 1): the probability a token is still clean at t.
+"""Noise schedules alpha_t (docs/maths.md section 1): the probability a token is still clean at t.
 
 Every schedule gives alpha_t, its derivative and the NELBO weight w(t) = -alpha'_t / (1 - alpha_t)
 in closed form (the plain ratio loses precision near t = 0 in float32). For a denoiser that does

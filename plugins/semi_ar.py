@@ -1,4 +1,4 @@
-"""Semi-autoregressive sampling (MATH.md section 5): blocks of positions, left to right.
+"""Semi-autoregressive sampling (docs/maths.md section 5): blocks of positions, left to right.
 
 The canvas is cut into blocks of `block` positions. For each block in turn, the inner sampler
 (any registered sampler, e.g. `confidence`) fills the block's masked positions while it sees the
@@ -72,6 +72,7 @@ class SemiAutoregressiveSampler(Sampler):
     @torch.no_grad()
     def sample(self, net, canvas, generator, *, positions=None):
         x, nfe, length = canvas, 0, canvas.shape[1]
+        self.inner.trace = self.trace  # the inner sampler's steps are this sampler's steps
         for begin in range(0, length, self.config.block):
             in_block = torch.zeros_like(canvas, dtype=torch.bool)
             in_block[:, begin : begin + self.config.block] = True

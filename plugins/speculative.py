@@ -1,6 +1,6 @@
 """Speculative sampling of the ancestral chain: a cheap draft proposes, the target verifies.
 
-MATH.md section 5 (after De Bortoli et al. 2025). The target chain is exactly the `ancestral`
+docs/maths.md section 5 (after De Bortoli et al. 2025). The target chain is exactly the `ancestral`
 sampler's: time grid 1 = t_0 > ... > t_T = 0 and, from t_i to t_{i+1}, each masked position
 independently unmasks to v with probability reverse_unmask_probs[v] or stays masked. Its
 kernel P_i(y | x) is a product over the masked positions. A draft network q runs the SAME chain

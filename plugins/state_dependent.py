@@ -1,4 +1,4 @@
-"""State-dependent masking (GenMD4, Shi et al. 2024; MATH.md section 3): each token has its own schedule.
+"""State-dependent masking (GenMD4, Shi et al. 2024; docs/maths.md section 3): each token has its own schedule.
 
 A position holding token v is still clean at time t with probability
 
@@ -120,16 +120,16 @@ class StateDependentMasking(Corruption):
         noise = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=mask_prob.dtype)
         return torch.where(noise < mask_prob, self.vocab.mask_id, x0)
 
-    def nelbo_terms(self, logits, x0, xt, t):
-        masked = xt == self.vocab.mask_id
+    def nelbo_terms(self, denoised, x0, xt, t):
+        # the bound needs the whole distribution (sum_v w_v mu(v)), at the masked positions only
         w = self.token_weights()
-        log_mu = F.log_softmax(logits.float(), dim=-1)
-        log_mu_x0 = log_mu.gather(-1, x0[..., None]).squeeze(-1)
-        # sum_v w_v mu_n(v) [B, N]: elementwise, not a matmul, which autocast would run in bf16
+        log_mu = denoised.masked_log_probs()  # [M, V]
+        targets = x0[denoised.masked]
+        log_mu_x0 = log_mu.gather(-1, targets[:, None]).squeeze(-1)
+        # sum_v w_v mu_n(v) [M]: elementwise, not a matmul, which autocast would run in bf16
         expected_w = (log_mu.exp() * w).sum(-1)
-        bracket = w[x0] * (-log_mu_x0 - 1.0) + expected_w
-        terms = self.schedule.weight(t)[:, None] * bracket
-        return torch.where(masked, terms, torch.zeros_like(terms))
+        bracket = w[targets] * (-log_mu_x0 - 1.0) + expected_w
+        return self.schedule.weight(t)[:, None] * denoised.scatter(bracket)
 
     def log_q(self, x0, xt, t):
         """log q(x_t | x0) per sequence [B]: sum over positions of log u_t^{w} (masked) or

@@ -1,16 +1,9 @@
 """Uniform absorbing masking: every position is masked independently with prob. 1 - alpha_t."""
 
 import torch
-import torch.nn.functional as F
 
 from tdlm import hookimpl
 from tdlm.components import Corruption
-
-
-def masked_cross_entropy(logits, x0, masked):
-    """-log mu(x0_i | x_t) at masked positions, 0 elsewhere: [B, N] float32."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none")
-    return ce.view(x0.shape) * masked
 
 
 class UniformMasking(Corruption):
@@ -19,9 +12,8 @@ class UniformMasking(Corruption):
         noise = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=mask_prob.dtype)
         return torch.where(noise < mask_prob[:, None], self.vocab.mask_id, x0)
 
-    def nelbo_terms(self, logits, x0, xt, t):
-        masked = xt == self.vocab.mask_id
-        return self.schedule.weight(t)[:, None] * masked_cross_entropy(logits, x0, masked)
+    def nelbo_terms(self, denoised, x0, xt, t):
+        return self.schedule.weight(t)[:, None] * denoised.cross_entropy(x0)
 
     def reverse_unmask_probs(self, probs, xt, t, s):
         alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s)

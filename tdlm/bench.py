@@ -3,12 +3,14 @@
 Both sides train the same Transformer (same config, same initial weights) on the same fixed
 batch, in one process, taking turns (step by step on a CPU) so that load from other
 processes hits both alike. The engine side runs `tdlm.train.Trainer.train_step` itself, the
-code `tdlm run` runs each step; the baseline is the loop one would write by hand: the loss maths inline,
-plain AdamW, `clip_grad_norm_`, no accelerate. A ratio near 1 means the engine's structure
-(plugins, accelerate, per-step generators, logging statistics) costs nothing measurable.
+code `tdlm run` runs each step; the baseline is the loop one would write by hand: the full
+[B, N, V] logits, the loss maths inline, plain AdamW, `clip_grad_norm_`, no accelerate. The
+ratio is what the engine's head (only at masked positions, chunked linear + cross-entropy)
+buys, net of what its structure (plugins, accelerate, per-step generators) costs.
 
-    python benchmarks/train_throughput.py --vocab 4096 --d-model 64 --batch 64 --seq-len 128
-    tdlm bench --objective ar --steps 10
+    tdlm bench --recipe recipes/tiny_wikitext2.toml --steps 5    # the seed's tiny model
+    tdlm bench --suite                                           # tiny and quick, diffusion and AR
+    tdlm bench --vocab 4096 --d-model 64 --objective ar --steps 10
 """
 
 from __future__ import annotations
@@ -32,16 +34,47 @@ class FixedBatch:
         return self.batch
 
 
+# The recipes `--suite` measures: the seed's tiny model and the quick CPU model, each objective.
+SUITE = ("recipes/tiny_wikitext2.toml", "recipes/tiny_wikitext2_ar.toml",
+         "recipes/quick_wikitext2.toml", "recipes/quick_wikitext2_ar.toml")
+
+
+GPT2_VOCAB = 50257
+
+
+def recipe_settings(path: str) -> dict:
+    """measure()'s keyword arguments for the model, batch, vocabulary and objective of a recipe."""
+    from tdlm.config import read_recipe
+
+    cfg = read_recipe(path)
+    vocab = GPT2_VOCAB if cfg.data.tokenizer == "gpt2" else cfg.data.bpe_vocab_size
+    return {"vocab": vocab, "batch": cfg.training.batch_size, "seq_len": cfg.data.seq_len,
+            "objective": cfg.objective.name, "model": cfg.model.model_dump()}
+
+
+def recipe_steps(path: str) -> int:
+    """The training steps `tdlm run` would take: max_steps, or epochs of the (cached) train split."""
+    from tdlm.config import read_recipe
+    from tdlm.data import load_corpus, train_stream
+
+    cfg = read_recipe(path)
+    if cfg.training.max_steps:
+        return cfg.training.max_steps
+    stream = train_stream(load_corpus(cfg.data, progress=False), cfg.data, cfg.training.batch_size, cfg.run.seed)
+    return math.ceil(cfg.training.epochs * stream.batches_per_epoch)
+
+
 def bench_config(*, vocab: int, d_model: int, n_layers: int, n_heads: int, batch: int, seq_len: int,
-                 objective: str, total_steps: int, seed: int):
-    """The RunConfig and resolved components a recipe with these settings would give."""
+                 objective: str, total_steps: int, seed: int, model: dict | None = None):
+    """The RunConfig and resolved components a recipe with these settings would give
+    (`model`: the whole [model] section, e.g. a recipe's; it overrides the three sizes)."""
     from tdlm.config import RunConfig, resolve_components
     from tdlm.plugins import build_registry
 
     cfg = RunConfig.model_validate({
         "run": {"name": "bench", "seed": seed},
         "data": {"seq_len": seq_len},
-        "model": {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads},
+        "model": model or {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads},
         "objective": {"name": objective},
         "training": {"batch_size": batch, "max_steps": total_steps, "log_every": total_steps},
     })
@@ -145,7 +178,7 @@ def _timed(step_fn, steps: int, device: torch.device) -> float:
 def measure(*, vocab: int = 4096, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, batch: int = 64,
             seq_len: int = 128, steps: int = 20, warmup: int = 3, objective: str = "diffusion",
             device: str = "cpu", repeats: int = 3, seed: int = 0, threads: int | None = None,
-            chunk: int | None = None, log=None) -> dict:
+            chunk: int | None = None, model: dict | None = None, fused: bool = False, log=None) -> dict:
     """Training tokens/s of Trainer.train_step and of the hand-written loop: the median over
     `repeats` rounds of `steps` timed steps each (after `warmup` untimed ones), and the ratio
     engine / baseline: the median over all turns of the two sides' speed ratio in that turn
@@ -155,7 +188,9 @@ def measure(*, vocab: int = 4096, d_model: int = 64, n_layers: int = 2, n_heads:
     so that load from other processes falls on both alike. Default chunk: 1 on a CPU (a step
     there is synchronous, so timing one step costs nothing); all `steps` on a GPU, where
     timing a chunk ends in a sync that would hide the queueing ahead a real run relies on.
-    `threads`: torch's CPU threads while it runs. `log(str)` hears of each round.
+    `threads`: torch's CPU threads while it runs. `model`: a whole [model] section (a recipe's)
+    in place of the three sizes. `fused=True`: on CUDA the engine uses Liger's fused linear +
+    cross-entropy where it is installed (as TDLM_FUSED_CE=1 does). `log(str)` hears of each round.
     """
     if steps < 1 or repeats < 1 or warmup < 0 or (chunk is not None and chunk < 1):
         raise ValueError(f"need steps, repeats, chunk >= 1 and warmup >= 0, got {steps=}, {repeats=}, "
@@ -164,23 +199,27 @@ def measure(*, vocab: int = 4096, d_model: int = 64, n_layers: int = 2, n_heads:
         raise ValueError(f"objective must be 'diffusion' or 'ar', got {objective!r}")
     device = torch.device(device)
     chunk = chunk or (1 if device.type == "cpu" else steps)
-    before = torch.get_num_threads()
+    from tdlm import head
+
+    before, fused_before = torch.get_num_threads(), head.USE_FUSED
     if threads:
         torch.set_num_threads(threads)
+    head.USE_FUSED = fused
     try:
         return _measure(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, batch=batch,
                         seq_len=seq_len, steps=steps, warmup=warmup, objective=objective, device=device,
-                        repeats=repeats, seed=seed, chunk=chunk, log=log)
+                        repeats=repeats, seed=seed, chunk=chunk, model=model, log=log)
     finally:
         torch.set_num_threads(before)
+        head.USE_FUSED = fused_before
 
 
 def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup, objective, device, repeats,
-             seed, chunk, log) -> dict:
+             seed, chunk, model, log) -> dict:
     from tdlm.components import VocabInfo
 
     cfg, components = bench_config(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, batch=batch,
-                                   seq_len=seq_len, objective=objective, seed=seed,
+                                   seq_len=seq_len, objective=objective, seed=seed, model=model,
                                    total_steps=repeats * (steps + warmup))
     info = VocabInfo(size=vocab, mask_id=vocab, bos_id=vocab - 1)
     data = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
@@ -219,9 +258,11 @@ def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup
     engine = statistics.median(f["engine"] for f in rounds)
     base = statistics.median(f["baseline"] for f in rounds)
     return {
-        "config": {"vocab": vocab, "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "batch": batch,
-                   "seq_len": seq_len, "steps": steps, "warmup": warmup, "objective": objective,
-                   "repeats": repeats, "chunk": chunk, "seed": seed},
+        "config": {"vocab": vocab, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
+                   "n_heads": cfg.model.n_heads, "batch": batch, "seq_len": seq_len, "steps": steps, "warmup": warmup,
+                   "objective": objective, "repeats": repeats, "chunk": chunk, "seed": seed,
+                   "model": cfg.model.model_dump()},
+        "fused_head": head_kernel(device),
         "device": _device_name(device),
         "mixed_precision": trainer.accelerator.mixed_precision,
         "parameters": engine_net.num_parameters(),
@@ -240,7 +281,7 @@ def format_result(result: dict) -> str:
     lines = [
         f"train throughput: {c['objective']}, vocab {c['vocab']:,}, d_model {c['d_model']}, {c['n_layers']} layers, "
         f"batch {c['batch']} x {c['seq_len']}, {result['parameters']:,} parameters, on {result['device']} "
-        f"(mixed precision: {result['mixed_precision']})",
+        f"(mixed precision: {result['mixed_precision']}; head: {result['fused_head']})",
         f"{c['repeats']} rounds of {c['steps']} timed steps (+{c['warmup']} warm-up) per side, "
         f"taking turns every {c['chunk']} step(s)",
         "",
@@ -259,3 +300,45 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu, {torch.get_num_threads()} threads"
+
+
+def head_kernel(device: torch.device) -> str:
+    """Which linear + cross-entropy the engine ran: a fused CUDA kernel or tdlm's chunked one."""
+    from tdlm import head
+
+    if device.type == "cuda" and head.USE_FUSED and head.fused_available():
+        return "liger fused"
+    return "plain where it fits, else chunked" if device.type == "cuda" else "tdlm chunked"
+
+
+def suite(recipes=SUITE, *, project: bool = True, **settings) -> list[dict]:
+    """measure() for each recipe's model, batch and objective; with `project`, each result gets
+    the recipe's training steps and their projected wall time at the engine's speed (training
+    steps only: evaluation and the final scoring come on top)."""
+    results = []
+    for path in recipes:
+        result = measure(**{**settings, **recipe_settings(path)})
+        result["recipe"] = path
+        if project:
+            steps = recipe_steps(path)
+            c = result["config"]
+            result["recipe_steps"] = steps
+            result["projected_train_seconds"] = steps * c["batch"] * c["seq_len"] / result["engine_tokens_per_s"]
+        results.append(result)
+    return results
+
+
+def format_suite(results: list[dict]) -> str:
+    lines = [f"engine vs hand-written full-head loop, on {results[0]['device']} "
+             f"(head: {results[0]['fused_head']}); ratios are medians of paired turns", "",
+             f"{'recipe':<36}{'objective':>10}{'engine s/step':>15}{'baseline s/step':>17}{'ratio':>8}"
+             f"{'steps':>8}{'projected':>11}"]
+    for r in results:
+        c = r["config"]
+        tokens = c["batch"] * c["seq_len"]
+        projected = r.get("projected_train_seconds")
+        lines.append(f"{r['recipe']:<36}{c['objective']:>10}{tokens / r['engine_tokens_per_s']:>15.3f}"
+                     f"{tokens / r['baseline_tokens_per_s']:>17.3f}{r['ratio']:>8.2f}"
+                     f"{r.get('recipe_steps', ''):>8}"
+                     f"{'' if projected is None else f'{projected / 60:.1f} min':>11}")
+    return "\n".join(lines)

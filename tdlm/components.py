@@ -4,7 +4,9 @@ Every component class has a nested pydantic `Config` (the keys of its recipe sec
 `name`; unknown keys are rejected) and is built by tdlm as shown in each class's `__init__`.
 Shapes: B sequences of N positions; V real tokens; the mask token is id V (`vocab.mask_id`),
 one past the last real token. The denoiser `net(x) -> logits [B, N, V]` never scores the mask
-token, so the SUBS rule "the mask id has probability 0" holds by construction.
+token, so the SUBS rule "the mask id has probability 0" holds by construction. Training and
+evaluation hand a corruption a `Denoised` (tdlm.head) instead of logits: the output head is
+applied only at the masked positions, where the NELBO has terms.
 
 Flow: data -> corruption (forward process, uses a schedule) -> model -> objective -> step ->
 eval (objective.score) -> sample (sampler, uses the corruption's reverse kernel).
@@ -19,7 +21,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-Denoiser = Callable[[Tensor], Tensor]  # x_t [B, N] -> logits [B, N, V]
+from tdlm.head import Denoised
+
+Denoiser = Callable[[Tensor], Denoised]  # x_t [B, N] -> the prediction mu(. | x_t), see Denoised
 
 
 class ComponentConfig(BaseModel):
@@ -58,7 +62,7 @@ class Schedule:
         raise NotImplementedError
 
     def weight(self, t: Tensor) -> Tensor:
-        """NELBO weight w(t) = -alpha'_t / (1 - alpha_t) (MATH.md section 1)."""
+        """NELBO weight w(t) = -alpha'_t / (1 - alpha_t) (docs/maths.md section 1)."""
         return -self.alpha_prime(t) / (1.0 - self.alpha(t))
 
 
@@ -79,8 +83,14 @@ class Corruption(nn.Module):
         """x0 [B, N] long, t [B] -> x_t [B, N] with `vocab.mask_id` at masked positions."""
         raise NotImplementedError
 
-    def nelbo_terms(self, logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+    def nelbo_terms(self, denoised: Denoised, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """Per-position integrand of the NELBO at time t: [B, N], zero where x_t is not masked.
+
+        `denoised` is the denoiser's prediction at x_t: `denoised.cross_entropy(x0)` gives
+        -log mu(x0_n | x_t) [B, N] (zero at unmasked positions), `denoised.masked_log_probs()`
+        the whole log mu [M, V] at the M masked positions when a bound needs more than the
+        cross-entropy, and `denoised.scatter(values [M])` puts per-masked-position values back
+        into [B, N].
 
         For each sequence, E_t[terms.sum(-1)] with t ~ U[0, 1] is the NELBO in nats. This is what
         `tdlm eval` reports, so it must be a valid bound for this process.
@@ -162,9 +172,17 @@ class Sampler:
     """
 
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+    trace: list[Tensor] | None = None
+    """Set to a list by `tdlm sample --trace`: `record` appends the canvas after each step."""
 
     def __init__(self, config: ComponentConfig, *, objective: Objective, vocab: VocabInfo):
         self.config, self.objective, self.vocab = config, objective, vocab
+
+    def record(self, x: Tensor) -> None:
+        """Call after each step with the whole canvas [B, L]: a trace picture shows the steps.
+        (A sampler that never calls it is traced by its first and last canvas only.)"""
+        if self.trace is not None:
+            self.trace.append(x.detach().cpu().clone())
 
     @torch.no_grad()
     def sample(
@@ -176,7 +194,7 @@ class Sampler:
 def sample_categorical(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """Draw one index per row of `probs` [..., K] (unnormalised is fine), in float64.
 
-    Gumbel-max in low precision is biased (MATH.md section 5), so this works in float64.
+    Gumbel-max in low precision is biased (docs/maths.md section 5), so this works in float64.
     """
     p = probs.double()
     u = torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Metrics of generated text, and the frequency-collapse diagnostic (MATH.md section 6).
+"""Metrics of generated text, and the frequency-collapse diagnostic (docs/maths.md section 6).
 
 Sample metrics take the generated tokens as a 2-D array [B, L] (numpy or torch) or a list of
 1-D arrays; n-grams never cross from one sample into the next.

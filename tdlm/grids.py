@@ -1,4 +1,4 @@
-"""Time grids shared by the samplers (MATH.md section 5), and the masked counts they imply."""
+"""Time grids shared by the samplers (docs/maths.md section 5), and the masked counts they imply."""
 
 from __future__ import annotations
 

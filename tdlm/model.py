@@ -1,7 +1,11 @@
-"""One small pre-LN Transformer: bidirectional for diffusion, causal for AR; nothing else differs.
+"""One small pre-norm Transformer: bidirectional for diffusion, causal for AR; nothing else differs.
 
 The input embedding has V + 1 rows (real tokens and the mask token); the output head scores
 only the V real tokens, so the mask token can never be predicted (SUBS).
+
+`features(x)` returns the final hidden states and `head_weight` the [V, d] output matrix, so an
+objective can apply the head only where its loss is (the masked positions of a diffusion step)
+and in chunks, never building the full [B, N, V] logits; `forward(x)` is the plain logits.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 
@@ -22,13 +26,26 @@ class ModelConfig(BaseModel):
     d_model: int = Field(64, ge=8)
     n_heads: int = Field(4, ge=1)
     d_ff: int | None = Field(None, ge=1)
-    """Hidden width of the MLP; default 4 * d_model."""
-    positions: Literal["learned", "rope"] = "learned"
+    """Hidden width of the MLP; default 4 * d_model (gelu), or 8/3 * d_model rounded up to a
+    multiple of 64 (swiglu: the same parameter count as gelu's, LLaMA's rule)."""
+    positions: Literal["learned", "rope"] = "rope"
+    """rope: rotary position embeddings. A bidirectional (diffusion) model with learned absolute
+    positions finds its neighbours slowly and learns almost no context in a short budget."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
     tied_embeddings: bool = False
     """Share the input embedding with the output head (the mask row is left out of the head)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
     """Biases in the linear layers (the output head never has one)."""
+
+    @model_validator(mode="after")
+    def _heads_fit(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.positions == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"rope needs an even head size; d_model / n_heads = {self.d_model // self.n_heads}")
+        return self
 
 
 def rope_tables(length: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,15 +55,15 @@ def rope_tables(length: int, head_dim: int, device) -> tuple[torch.Tensor, torch
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of x by the float32 angle tables; the result keeps x's dtype (a bf16 model,
+    as DeepSpeed runs it, must not get float32 queries next to bf16 values)."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
-        if cfg.d_model % cfg.n_heads:
-            raise ValueError(f"model.d_model ({cfg.d_model}) must be divisible by model.n_heads ({cfg.n_heads})")
         self.n_heads, self.causal, self.dropout = cfg.n_heads, causal, cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
@@ -62,18 +79,53 @@ class SelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
 
+def mlp_width(cfg: ModelConfig) -> int:
+    if cfg.d_ff:
+        return cfg.d_ff
+    if cfg.mlp == "swiglu":
+        return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+    return 4 * cfg.d_model
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=1e-5)
+    return nn.LayerNorm(cfg.d_model)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) (Shazeer, 2020)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d_ff = mlp_width(cfg)
+        self.gate = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias)
+        self.down = nn.Linear(d_ff, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+def make_mlp(cfg: ModelConfig) -> nn.Module:
+    if cfg.mlp == "swiglu":
+        return SwiGLU(cfg)
+    d_ff = mlp_width(cfg)
+    return nn.Sequential(  # indices are state_dict keys (mlp.0, mlp.2) of saved runs: keep them
+        nn.Linear(cfg.d_model, d_ff, bias=cfg.bias),
+        nn.GELU(),
+        nn.Linear(d_ff, cfg.d_model, bias=cfg.bias),
+        nn.Dropout(cfg.dropout),
+    )
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
-        d_ff = cfg.d_ff or 4 * cfg.d_model
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.ln1, self.ln2 = make_norm(cfg), make_norm(cfg)
         self.attn = SelfAttention(cfg, causal)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, d_ff, bias=cfg.bias),
-            nn.GELU(),
-            nn.Linear(d_ff, cfg.d_model, bias=cfg.bias),
-            nn.Dropout(cfg.dropout),
-        )
+        self.mlp = make_mlp(cfg)
 
     def forward(self, x, rope=None):
         x = x + self.attn(self.ln1(x), rope)
@@ -89,11 +141,11 @@ class Transformer(nn.Module):
         self.pos_emb = nn.Embedding(max_len, cfg.d_model) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = make_norm(cfg)
         self.head = None if cfg.tied_embeddings else nn.Linear(cfg.d_model, vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, param in self.named_parameters():  # GPT-2: scale residual projections by depth
-            if name.endswith(("attn.proj.weight", "mlp.2.weight")):
+            if name.endswith(("attn.proj.weight", "mlp.2.weight", "mlp.down.weight")):
                 nn.init.normal_(param, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
     @staticmethod
@@ -110,8 +162,19 @@ class Transformer(nn.Module):
             total -= self.pos_emb.weight.numel() if self.pos_emb is not None else 0
         return total
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """[V, d]: logits = features(x) @ head_weight.T (the tied head leaves out the mask row)."""
+        if self.head is None:
+            return self.tok_emb.weight[: self.vocab_size]
+        return self.head.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, N] token ids (mask id allowed) -> logits [B, N, V] over the real tokens."""
+        return F.linear(self.features(x), self.head_weight)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, N] -> the final normalised hidden states [B, N, d] that the head reads."""
         length = x.shape[1]
         if length > self.max_len:
             raise ValueError(f"sequence of {length} tokens exceeds the model's max length {self.max_len}")
@@ -124,7 +187,4 @@ class Transformer(nn.Module):
         h = self.drop(h)
         for block in self.blocks:
             h = block(h, rope)
-        h = self.ln_f(h)
-        if self.head is None:
-            return F.linear(h, self.tok_emb.weight[: self.vocab_size])
-        return self.head(h)
+        return self.ln_f(h)

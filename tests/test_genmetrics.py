@@ -72,7 +72,7 @@ def test_generative_perplexity_equals_the_ar_objectives_exact_nll(build):
     net, objective = built.model.net.eval(), built.model.objective
     tokens = torch.randint(0, 40, (5, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        nll = objective.token_nll(net, tokens)[0].double()
+        nll = objective.token_nll(net, tokens).double()
         scores = objective.score(net, tokens, generator=torch.Generator(), t_samples=1)
     result = gm.generative_perplexity(net, tokens, bos_id=built.vocab.bos_id, batch_size=2)
     assert result["gen_ppl"] == pytest.approx(math.exp(scores.nll.sum().item() / tokens.numel()), rel=1e-5)
@@ -183,7 +183,7 @@ def test_gen_eval_writes_json_and_png(runs, tmp_path):
     vocab = ref.corpus.vocab
     tokens = torch.tensor([vocab.encode("the cat") + row for row in result["tokens"]])
     with torch.no_grad():
-        nll = ref.built.model.objective.token_nll(ref.built.model.net, tokens)[0][:, result["prompt_tokens"]:]
+        nll = ref.built.model.objective.token_nll(ref.built.model.net, tokens)[:, result["prompt_tokens"]:]
     assert result["gen_ppl"] == pytest.approx(math.exp(nll.double().mean().item()), rel=1e-5)
 
     # the same settings give the same samples and the same file name

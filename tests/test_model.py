@@ -64,3 +64,21 @@ def test_too_long_input_is_an_error(build):
     net = tiny(build, "diffusion", "learned").model.net
     with pytest.raises(ValueError, match="max length"):
         net(torch.zeros(1, N + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("norm, mlp", [("layernorm", "gelu"), ("rmsnorm", "swiglu")])
+def test_a_bf16_model_runs_without_autocast(build, norm, mlp):
+    """DeepSpeed's bf16 mode casts the weights and runs no autocast: RoPE must keep q, k in the
+    activations' dtype (float32 angle tables once made queries float32 next to bf16 values)."""
+    net = tiny(build, "diffusion", "rope", norm=norm, mlp=mlp).model.net.to(torch.bfloat16).eval()
+    x = torch.randint(0, V + 1, (2, N), generator=torch.Generator().manual_seed(1))
+    logits = net(x)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_seed_architecture_parameter_count(build):
+    """The tiny recipes' model: the seed's 6,539,712 parameters plus the mask token's embedding row."""
+    built = build(vocab_size=50257, seq_len=128, model={
+        "n_layers": 2, "d_model": 64, "n_heads": 4, "positions": "rope", "norm": "rmsnorm", "mlp": "swiglu",
+        "bias": False, "tied_embeddings": False})
+    assert built.model.net.num_parameters() == 6_539_712 + 64

@@ -1,4 +1,4 @@
-"""The masked-diffusion NELBO and the AR NLL against MATH.md sections 1-2.
+"""The masked-diffusion NELBO and the AR NLL against docs/maths.md sections 1-2.
 
 Monte Carlo comparisons use fixed seeds and a tolerance of a few standard errors of the
 estimator, plus a check that the tolerance is tight enough to catch a wrong weighting.
@@ -13,6 +13,7 @@ from torch import nn
 
 from nets import ZeroLogits
 from tdlm.components import stratified_times
+from tdlm.head import Denoised
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -108,7 +109,7 @@ def test_uniform_predictions_training_loss_is_log_vocab(build, schedule):
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_exact_denoiser_nelbo_equals_nll(registry, build, exact_denoiser, schedule):
-    """With the true conditionals the bound is tight for every single sequence (MATH.md 1)."""
+    """With the true conditionals the bound is tight for every single sequence (docs/maths.md section 1)."""
     vocab_size, length = 3, 4
     support, probs = toy_distribution(vocab_size, length, seed=0)
     built = build(vocab_size=vocab_size, seq_len=length, schedule=schedule)
@@ -251,7 +252,7 @@ def test_score_is_reproducible_with_a_fixed_seed(build):
 
 
 def test_score_draws_stratified_t_for_each_sequence(build):
-    """K t per sequence, one in each [k/K, (k+1)/K) (MATH.md 1: variance reduction)."""
+    """K t per sequence, one in each [k/K, (k+1)/K) (docs/maths.md section 1: variance reduction)."""
     objective = build(vocab_size=TOY_V, seq_len=TOY_N).model.objective
     corruption, seen = objective.corruption, []
     corrupt = corruption.corrupt
@@ -313,7 +314,7 @@ def test_nelbo_terms_are_zero_where_unmasked(build):
     t = torch.rand(64, generator=gen(1), dtype=torch.float64)
     xt = corruption.corrupt(x0, t, gen(2))
     logits = 5 * torch.randn(64, 32, 50, generator=gen(3))
-    terms = corruption.nelbo_terms(logits, x0, xt, t)
+    terms = corruption.nelbo_terms(Denoised.from_logits(logits, xt, mask_id), x0, xt, t)
     masked = xt == mask_id
     assert masked.any() and (~masked).any()
     assert (terms[~masked] == 0).all()

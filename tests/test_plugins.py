@@ -211,7 +211,7 @@ def random_net() -> Transformer:
 
 
 def test_fixed_count_nelbo_agrees_with_uniform_masking(fixed_count):
-    """Same expectation for a time-agnostic denoiser (MATH.md 1), against both schedules."""
+    """Same expectation for a time-agnostic denoiser (docs/maths.md section 1), against both schedules."""
     net, batch, t_samples = random_net(), 64, 48
     x0 = torch.randint(0, V, (batch, N), generator=torch.Generator().manual_seed(2))
 

@@ -1,4 +1,4 @@
-"""Samplers against MATH.md section 5: exact distributions, fixed tokens, NFE, filtering."""
+"""Samplers against docs/maths.md section 5: exact distributions, fixed tokens, NFE, filtering."""
 
 import itertools
 import math
@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from scipy import stats
+from nets import Spy
 from toydata import template_canvas
 
 from tdlm.components import sample_categorical
@@ -155,6 +156,37 @@ def test_ancestral_nfe(build):
     full = torch.randint(0, V, (2, N), generator=gen(0))
     out = built.sampler.sample(built.model.net, full, gen(0))
     assert out.nfe == 0 and torch.equal(out.tokens, full)
+
+
+def test_ancestral_recomputes_only_changed_rows(build):
+    """The net is called on the rows whose canvas changed since their last call, and the tokens
+    are those of recomputing every row at every step (a hand-written loop, same draws)."""
+    torch.manual_seed(0)
+    built = build(vocab_size=V, seq_len=N, sampler={"name": "ancestral", "steps": 24})
+    net, mask_id, corruption = built.model.net.eval(), built.vocab.mask_id, built.model.objective.corruption
+    canvas, _ = template_canvas(mask_id, V, N, batch=6)
+    spy = Spy(net)
+    out = built.sampler.sample(spy, canvas, gen(0))
+
+    g, x, calls = gen(0), canvas.clone(), []
+    grid = time_grid(24, "uniform", "cpu")
+    changed = torch.ones(6, dtype=torch.bool)
+    for i in range(24):
+        masked = x == mask_id
+        if not masked.any():
+            break
+        if changed.any():
+            calls.append(x[changed].clone())
+        probs = torch.softmax(net(x).double(), -1)  # every row, every step
+        unmask = corruption.reverse_unmask_probs(probs, x, grid[i].expand(6), grid[i + 1].expand(6))
+        moves = masked & (torch.rand(masked.shape, generator=g, dtype=torch.float64) < unmask.sum(-1))
+        if moves.any():
+            x[moves] = sample_categorical(unmask[moves], g)
+        changed = moves.any(-1)
+    assert torch.equal(out.tokens, x)
+    assert out.nfe == len(spy.seen) == len(calls) < 24
+    assert all(torch.equal(a, b) for a, b in zip(spy.seen, calls))
+    assert any(len(a) < 6 for a in spy.seen)  # some calls did skip rows
 
 
 def test_ar_sampler_top_k_1_is_greedy(build):

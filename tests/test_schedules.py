@@ -1,4 +1,4 @@
-"""Noise schedules against MATH.md section 1: endpoints, monotonicity, derivative, weight, and the
+"""Noise schedules against docs/maths.md section 1: endpoints, monotonicity, derivative, weight, and the
 schedule invariance of one model's NELBO. Every built-in schedule is checked (the list comes from
 the registry, so a new schedule is tested as soon as it is registered: give it a closed form below).
 """

@@ -1,4 +1,4 @@
-"""Speculative samplers (MATH.md section 5): exactly the target sampler's distribution, fewer target calls.
+"""Speculative samplers (docs/maths.md section 5): exactly the target sampler's distribution, fewer target calls.
 
 The reference for `speculative` is the target's ancestral chain itself, enumerated: on V = 3
 tokens and N = 3 positions there are (V + 1)^N = 64 canvases, so the chain's output distribution

@@ -1,4 +1,4 @@
-"""State-dependent masking (GenMD4) against MATH.md section 3.
+"""State-dependent masking (GenMD4) against docs/maths.md section 3.
 
 Checks: equal weights reduce it to uniform masking (same draws, same loss); the NELBO terms' closed
 forms; the RLOO gradient of the learned weights is unbiased (against an exact enumeration of the
@@ -16,6 +16,7 @@ from torch import nn
 
 from nets import ZeroLogits
 from tdlm.components import VocabInfo
+from tdlm.head import Denoised
 from tdlm.model import ModelConfig, Transformer
 from tdlm_plugins.diffusion import DiffusionObjective
 from tdlm_plugins.schedules import CosineSchedule, LinearSchedule, PolynomialSchedule
@@ -79,9 +80,9 @@ def test_constant_weights_are_uniform_masking_on_the_same_draws(value, uniform_s
     assert torch.equal(xt_ours, xt_theirs)
     masked = xt_ours == vocab.mask_id
     assert 0.2 < masked.float().mean() < 0.8
-    logits = net(xt_ours)
+    denoised = Denoised(net, xt_ours, vocab.mask_id)
     torch.testing.assert_close(
-        ours.corruption.nelbo_terms(logits, x0, xt_ours, t), theirs.corruption.nelbo_terms(logits, x0, xt_ours, t)
+        ours.corruption.nelbo_terms(denoised, x0, xt_ours, t), theirs.corruption.nelbo_terms(denoised, x0, xt_ours, t)
     )
     (loss_ours, _), (loss_theirs, _) = ours.loss(net, x0, gen(3)), theirs.loss(net, x0, gen(3))
     torch.testing.assert_close(loss_ours, loss_theirs)
@@ -102,7 +103,8 @@ def test_equal_weights_reduce_the_terms_to_w_r_t_times_ce(w):
     t = torch.linspace(0.05, 1.0, 8)
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view(8, N)
     expected = (w / t)[:, None] * ce * (xt == vocab.mask_id)
-    torch.testing.assert_close(corruption.nelbo_terms(logits, x0, xt, t), expected, rtol=1e-5, atol=1e-5)
+    got = corruption.nelbo_terms(Denoised.from_logits(logits, xt, vocab.mask_id), x0, xt, t)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_learned_equal_weights_average_two_uniform_draws():
@@ -116,9 +118,10 @@ def test_learned_equal_weights_average_two_uniform_draws():
     x0 = torch.randint(0, V, (B, N), generator=gen(0))
     t = torch.rand(B, generator=gen(1)) * 0.98 + 0.01
     g = gen(2)
-    draws = [uniform.training_terms(net, x0, t, g) for _ in range(2)]
+    denoise = learned.denoiser(net)
+    draws = [uniform.training_terms(denoise, x0, t, g) for _ in range(2)]
     expected = 0.5 * (draws[0] + draws[1])
-    got = learned.corruption.training_terms(net, x0, t, gen(2))
+    got = learned.corruption.training_terms(denoise, x0, t, gen(2))
     torch.testing.assert_close(got.sum(-1), expected.sum(-1), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(draws[0].sum(-1), draws[1].sum(-1))  # two different draws
 
@@ -195,6 +198,8 @@ def test_rloo_gradient_of_the_weights_is_unbiased(schedule):
     net = random_net(V, N, seed=1)
     for p in net.parameters():
         p.requires_grad_(False)
+    mask_id = vocab.mask_id
+    denoise = lambda xt: Denoised(net, xt, mask_id)  # noqa: E731
     x0 = torch.tensor([[0, 3, 1]])
     t = torch.tensor([t_value])
 
@@ -202,7 +207,7 @@ def test_rloo_gradient_of_the_weights_is_unbiased(schedule):
         patterns = torch.tensor(list(itertools.product([False, True], repeat=N)))  # [2^N, N]
         xt = torch.where(patterns, vocab.mask_id, x0)
         x0s, ts = x0.expand(len(xt), N), t.expand(len(xt))
-        losses = corruption.nelbo_terms(net(xt), x0s, xt, ts).sum(-1)
+        losses = corruption.nelbo_terms(Denoised(net, xt, mask_id), x0s, xt, ts).sum(-1)
         q = corruption.mask_probs(x0s, ts)
         if not score_function:
             q = q.detach()
@@ -214,7 +219,7 @@ def test_rloo_gradient_of_the_weights_is_unbiased(schedule):
     def estimates(repeats, batch):
         grads = []
         for seed in range(repeats):
-            terms = corruption.training_terms(net, x0.expand(batch, N), t.expand(batch), gen(seed))
+            terms = corruption.training_terms(denoise, x0.expand(batch, N), t.expand(batch), gen(seed))
             (grad,) = torch.autograd.grad(terms.sum() / batch, corruption.param)
             grads.append(grad.double())
         grads = torch.stack(grads)

@@ -98,7 +98,7 @@ def write_sweep(folder: Path, body: str, *, bases=("diffusion", "ar")) -> Path:
 @pytest.mark.parametrize("body, message", [
     ('[grid]\n"training.max_step" = [1, 2]\n', "unknown key 'training.max_step' (did you mean 'max_steps'?)"),
     ('[grid]\n"corruption.name" = ["uniform", "unifrom"]\n', "unknown corruption 'unifrom'"),
-    ('[fixed]\n"model.n_heads" = 5\n', "model.d_model (32) must be divisible by model.n_heads (5)"),
+    ('[fixed]\n"model.n_heads" = 5\n', "d_model (32) must be divisible by n_heads (5)"),
     ('[grid]\n"training.lr" = []\n', "grid key 'training.lr' has no values"),
     ('[grid]\n"training" = [1]\n', "is not of the form section.key"),
     ('[fixed]\n"run.name" = "x"\n', "run.name is set by the sweep"),

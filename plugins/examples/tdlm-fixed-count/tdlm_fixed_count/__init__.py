@@ -3,8 +3,8 @@
 With t ~ U[0, 1], l is uniform on {1, ..., N}; the l masked positions are uniform among all
 subsets of that size. The NELBO integrand is (N / l) * (cross-entropy summed over the masked
 positions). For a denoiser that does not take t as input this has the same expectation as the
-continuous-time NELBO of uniform masking with any schedule (tdlm's MATH.md section 1,
-"Equivalent estimator for time-agnostic models"), so `tdlm eval` still reports a bound; the
+continuous-time NELBO of uniform masking with any schedule (tdlm's docs/maths.md
+section 1.6, time-agnostic denoisers), so `tdlm eval` still reports a bound; the
 variance is usually lower, because the number of masked tokens no longer varies at a given t
 and the weight N / l never exceeds N.
 
@@ -14,7 +14,6 @@ ancestral sampler takes is that schedule's.
 """
 
 import torch
-import torch.nn.functional as F
 
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig, Corruption
@@ -38,11 +37,10 @@ class FixedCountMasking(Corruption):
         rank = keys.argsort(dim=-1).argsort(dim=-1)
         return torch.where(rank < count[:, None], self.vocab.mask_id, x0)
 
-    def nelbo_terms(self, logits, x0, xt, t):
-        masked = xt == self.vocab.mask_id
-        count = masked.sum(-1, keepdim=True).clamp_min(1)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none")
-        return (x0.shape[1] / count) * ce.view(x0.shape) * masked
+    def nelbo_terms(self, denoised, x0, xt, t):
+        # denoised.cross_entropy(x0): -log mu(x0_n | x_t) at the masked positions, 0 elsewhere
+        count = denoised.masked.sum(-1, keepdim=True).clamp_min(1)
+        return (x0.shape[1] / count) * denoised.cross_entropy(x0)
 
     def reverse_unmask_probs(self, probs, xt, t, s):
         # linear schedule alpha = 1 - t: unmask with probability (alpha_s - alpha_t) / (1 - alpha_t)

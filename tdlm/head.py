@@ -1,0 +1,240 @@
+"""The output head where a loss needs it: chunked linear + cross-entropy, and `Denoised`.
+
+A step of a small model over a GPT-2-sized vocabulary spends almost all its time in the
+[B * N, V] logits, their cross-entropy and its gradient. Two facts remove most of it:
+
+- the NELBO has no term at unmasked positions, so a diffusion objective needs the head only at
+  the masked ones (`Denoised`);
+- the cross-entropy of row i needs only logsumexp_v(logits_iv) and logits_i[target], so the
+  logits can be made chunk by chunk and thrown away; the backward makes each chunk again
+  (softmax - one-hot is all it needs) instead of keeping a [B * N, V] gradient.
+
+`linear_cross_entropy` is exact (the same sums as `F.cross_entropy(F.linear(h, W), y)` up to
+float rounding), forward and backward. On CUDA, logits that fit in memory are made whole (the
+plain computation is faster there) and only larger ones are chunked; Liger's fused linear
+cross-entropy (`pip install -e ".[fused]"`) is used with `TDLM_FUSED_CE=1`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# logits made at once. On a CPU a chunk that stays in cache between the matmul and the softmax
+# passes is fastest (8 MB: 41 rows of a 50,257-token head); on a GPU each chunk costs kernel
+# launches, so chunks are large (1 GB: the whole head of a 64 x 128 batch at once).
+CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**28}
+# On a GPU, logits up to this size are made whole and scored by PyTorch's own cross-entropy:
+# recomputing them in the backward costs more there than the memory (measured on an H200: the
+# chunked kernel 6.0 ms against 3.9 ms for the plain one on 4,096 rows of a GPT-2 head).
+PLAIN_ELEMENTS_CUDA = 2**30
+# Gathering the masked rows needs their count on the host: free on a CPU, but on a GPU it waits
+# for the device at every step, so there the head scores every position and the unmasked ones
+# are zeroed (the same sums; the GPU's spare throughput pays for the extra rows).
+GATHER_MASKED_ON = {"cpu"}
+
+
+def chunk_rows(vocab_size: int, device: torch.device) -> int:
+    return max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"]) // vocab_size)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax sums in float32 at least (float64 stays float64, for exact tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _compute_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype autocast would give the head's matmul, fixed once so the backward recomputes
+    exactly the logits the forward used."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
+def _logsumexp_(logits: Tensor) -> Tensor:
+    """logsumexp over the last dim, computed in place (logits is overwritten by exp(logits - max)):
+    one temporary fewer than torch.logsumexp, which matters on a [rows, 50K] chunk."""
+    top = logits.amax(dim=-1, keepdim=True)
+    return logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype):
+        rows = chunk_rows(weight.shape[0], hidden.device)
+        w, acc = weight.to(dtype), _accumulate_dtype(dtype)
+        ce = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        lse = torch.empty_like(ce)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], rows):
+                part = slice(start, start + rows)
+                logits = F.linear(hidden[part].to(dtype), w).to(acc)
+                target_logit = logits.gather(1, targets[part, None]).squeeze(1)  # before the in-place lse
+                lse[part] = _logsumexp_(logits)
+                ce[part] = lse[part] - target_logit
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.dtype = dtype
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        dtype, rows = ctx.dtype, chunk_rows(weight.shape[0], hidden.device)
+        w, acc = weight.to(dtype), _accumulate_dtype(dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], rows):
+                part = slice(start, start + rows)
+                h = hidden[part].to(dtype)
+                # d ce_i / d logits_i = softmax_i - onehot(target_i), times the incoming gradient
+                grad_logits = F.linear(h, w).to(acc).sub_(lse[part, None]).exp_()  # in place: no new [rows, V]
+                grad_logits[torch.arange(len(grad_logits), device=h.device), targets[part]] -= 1.0
+                grad_logits *= grad_ce[part, None].to(acc)
+                if grad_hidden is not None:
+                    grad_hidden[part] = (grad_logits.to(dtype) @ w).to(hidden.dtype)
+                grad_weight.addmm_(grad_logits.t(), h.to(acc))
+        return grad_hidden, grad_weight.to(weight.dtype), None, None
+
+
+# TDLM_FUSED_CE=1 asks for Liger's fused kernel on CUDA. Off by default: per-row losses
+# (reduction="none", which the NELBO's weights need) make it recompute in the backward, and on an
+# H200 it took 219 ms against 3.9 ms for the plain computation (benchmarks/head_check.py).
+USE_FUSED = os.environ.get("TDLM_FUSED_CE", "0") == "1"
+
+
+def fused_available() -> bool:
+    return _fused_kernel() is not None
+
+
+@functools.cache  # a failed import is not retried at every step
+def _fused_kernel():
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, fused: bool = True) -> Tensor:
+    """-log softmax(hidden @ weight.T)[targets] per row: [M] float32 (float64 for float64
+    inputs), without the [M, V] logits.
+
+    hidden [M, d], weight [V, d], targets [M] long. Differentiable in hidden and weight.
+    `fused=False` forces tdlm's own chunked kernel (the benchmarks compare the two).
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + 0.0 * weight.sum()  # keeps the graph
+    if hidden.is_cuda:
+        if fused and USE_FUSED and torch.is_grad_enabled() and _fused_kernel() is not None:
+            dtype = _compute_dtype(hidden)
+            return _fused_kernel()(hidden.to(dtype), weight.to(dtype), targets, reduction="none").float()
+        if hidden.shape[0] * weight.shape[0] <= PLAIN_ELEMENTS_CUDA:
+            return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, _compute_dtype(hidden))
+
+
+@torch.no_grad()
+def linear_cross_entropy_and_argmax(hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Evaluation: the cross-entropy [M] float32 and the argmax [M] of each row's logits, in chunks."""
+    dtype, rows = _compute_dtype(hidden), chunk_rows(weight.shape[0], hidden.device)
+    w, acc = weight.to(dtype), _accumulate_dtype(dtype)
+    ce = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+    argmax = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], rows):
+            part = slice(start, start + rows)
+            logits = F.linear(hidden[part].to(dtype), w).to(acc)
+            argmax[part] = logits.argmax(-1)
+            target_logit = logits.gather(1, targets[part, None]).squeeze(1)
+            ce[part] = _logsumexp_(logits) - target_logit
+    return ce, argmax
+
+
+class Denoised:
+    """The denoiser's prediction mu(. | x_t), computed only at the masked positions of x_t.
+
+    What a corruption's `nelbo_terms` receives. Most corruptions need only the per-position
+    cross-entropy -log mu(x0_n | x_t) (`cross_entropy`); one whose bound involves the whole
+    distribution asks for it at the masked positions (`masked_log_probs`). A network with
+    `features` and `head_weight` (tdlm's Transformer) never builds the full logits; any other
+    `net(x) -> logits [B, N, V]` works too, through its full logits.
+    """
+
+    def __init__(self, net, xt: Tensor, mask_id: int):
+        self.xt, self.masked = xt, xt == mask_id
+        if hasattr(net, "features"):
+            self._hidden, self._weight, self._logits = net.features(xt), net.head_weight, None
+        else:
+            self._hidden, self._weight, self._logits = None, None, net(xt)
+        self._eval: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, xt: Tensor, mask_id: int) -> "Denoised":
+        """Wrap logits [B, N, V] already computed (tests, hand-written estimators)."""
+        return cls(lambda _: logits, xt, mask_id)
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """[M] values at the masked positions (row-major order) -> [B, N], zero elsewhere."""
+        out = torch.zeros(self.masked.shape, dtype=values.dtype, device=values.device)
+        return out.masked_scatter(self.masked, values)
+
+    def masked_cross_entropy(self, x0: Tensor) -> Tensor:
+        """-log mu(x0_n | x_t) at the masked positions, in row-major order: [M] float32."""
+        if self._eval is not None and self._eval[0] is x0:
+            return self._eval[1]
+        targets = x0[self.masked]
+        if self._logits is not None:
+            return F.cross_entropy(self._logits[self.masked].float(), targets, reduction="none")
+        return linear_cross_entropy(self._hidden[self.masked], self._weight, targets)
+
+    def cross_entropy(self, x0: Tensor) -> Tensor:
+        """-log mu(x0_n | x_t): [B, N] float32, zero where x_t is not masked."""
+        if self._hidden is not None and self._hidden.device.type not in GATHER_MASKED_ON and self._eval is None:
+            ce = linear_cross_entropy(self._hidden.flatten(0, 1), self._weight, x0.flatten())
+            return ce.view(x0.shape) * self.masked
+        return self.scatter(self.masked_cross_entropy(x0))
+
+    def masked_log_probs(self) -> Tensor:
+        """log mu(. | x_t) at the masked positions: [M, V] float32 (this one is materialised)."""
+        logits = self._logits[self.masked] if self._logits is not None else F.linear(self._hidden[self.masked], self._weight)
+        return F.log_softmax(logits.float(), dim=-1)
+
+    @torch.no_grad()
+    def masked_scores(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """Evaluation: the cross-entropy [M] and whether the argmax is x0 [M] at the masked
+        positions, in one pass over the head; `cross_entropy(x0)` then reuses the former."""
+        targets = x0[self.masked]
+        if self._logits is not None:
+            logits = self._logits[self.masked].float()
+            ce, argmax = F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1)
+        else:
+            ce, argmax = linear_cross_entropy_and_argmax(self._hidden[self.masked], self._weight, targets)
+        self._eval = (x0, ce, argmax == targets)
+        return ce, argmax == targets
+
+
+def all_positions_scores(net, inputs: Tensor, targets: Tensor, *, with_argmax: bool = False):
+    """AR: the cross-entropy [B, N] of `targets` under net(inputs) at every position (and, for
+    evaluation, the argmax [B, N]), never materialising [B, N, V] for tdlm's Transformer."""
+    if not hasattr(net, "features"):
+        logits = net(inputs).float()
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+        return (ce, logits.argmax(-1)) if with_argmax else ce
+    hidden = net.features(inputs).flatten(0, 1)
+    if with_argmax:
+        ce, argmax = linear_cross_entropy_and_argmax(hidden, net.head_weight, targets.flatten())
+        return ce.view(targets.shape), argmax.view(targets.shape)
+    return linear_cross_entropy(hidden, net.head_weight, targets.flatten()).view(targets.shape)
+
+
+def last_position_logits(net, x: Tensor) -> Tensor:
+    """net(x)[:, -1] [B, V], with the head applied to the last position only."""
+    if hasattr(net, "features"):
+        return F.linear(net.features(x)[:, -1], net.head_weight)
+    return net(x)[:, -1]
