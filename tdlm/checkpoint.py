@@ -1,11 +1,17 @@
 """Checkpoints: safetensors weights plus optimizer, RNG and progress state, written atomically.
 
 Layout of a run directory:
+    .lock                       held (flock) by the process training in it; holds its PID
     config.json / config.toml   the resolved recipe (every default filled in)
     checkpoints/step-000300/    model.safetensors + state.pt
     checkpoints/last.json       {"step": 300, "dir": "step-000300"}: the pointer is replaced
     checkpoints/best.json       atomically (os.replace) only after the directory is complete,
                                 so a kill mid-save never leaves a broken "last" or "best".
+
+Only finite weights are ever written (the trainer checks them first), so "last" is always a
+good checkpoint. state.pt also carries what makes a resume exact and its figures whole: the
+log window a stop between log steps left open, and the training seconds, steps, wall seconds
+and sessions of the run so far.
 """
 
 from __future__ import annotations
@@ -64,6 +70,12 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, *, poi
         _write_json_atomic(root / f"{pointer}.json", {"step": step, "dir": final.name, **state.get("pointer_info", {})})
     _prune(root)
     return final
+
+
+def all_finite(weights: dict) -> bool:
+    """Whether every floating-point tensor of a state dict is free of NaN and inf (one host sync)."""
+    floats = [v for v in weights.values() if v.is_floating_point() and v.numel()]
+    return bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()) if floats else True
 
 
 def _prune(root: Path) -> None:

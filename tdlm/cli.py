@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
+
+from tdlm.errors import TdlmError
 
 EXIT_BAD_INPUT = 2
 
@@ -14,6 +17,16 @@ EXIT_BAD_INPUT = 2
 def _fail(message: str) -> None:
     click.echo(f"tdlm: error: {message}", err=True)
     sys.exit(EXIT_BAD_INPUT)
+
+
+class _Commands(click.Group):
+    """Every command's user errors (TdlmError) end as one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TdlmError as exc:
+            _fail(str(exc))
 
 
 def _load_recipe(recipe: str, overrides: tuple[str, ...]):
@@ -28,7 +41,7 @@ def _load_recipe(recipe: str, overrides: tuple[str, ...]):
         _fail(str(exc))
 
 
-@click.group()
+@click.group(cls=_Commands)
 @click.version_option(package_name="tdlm")
 def cli():
     """tdlm: train, evaluate and sample tiny masked-diffusion and autoregressive language models."""
@@ -44,20 +57,21 @@ def cli():
 @click.option("--check", is_flag=True, help="Only validate the recipe and print the resolved config.")
 def run(recipe, overrides, resume, stop_at, check):
     """Train the model a RECIPE describes, then score it and print a sample."""
+    if stop_at is not None and stop_at < 1:
+        _fail(f"--stop-at {stop_at}: a step to stop after must be at least 1")
     cfg, components = _load_recipe(recipe, overrides)
     if check:
         from tdlm.config import resolved_dict, to_toml
 
         click.echo(to_toml(resolved_dict(cfg, components)))
         return
-    from tdlm.config import RecipeError
     from tdlm.data import DataNotFoundError
     from tdlm.evaluate import format_result
     from tdlm.train import TrainingDiverged, train
 
     try:
         summary = train(cfg, components, resume=resume, stop_at=stop_at)
-    except (RecipeError, DataNotFoundError) as exc:
+    except (TdlmError, DataNotFoundError) as exc:
         _fail(str(exc))
     except TrainingDiverged as exc:
         click.echo(f"tdlm: {exc}", err=True)
@@ -151,8 +165,10 @@ def _canvas_ids(vocab, *, prompt, template, length, seq_len) -> list[int]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint", "which", default="best", show_default=True)
 @click.option("--device", default=None)
+@click.option("--trace", type=click.Path(dir_okay=False), default=None,
+              help="Draw the first sample being denoised, step by step, into a .png (or an animated .gif).")
 @click.option("--json", "as_json", is_flag=True, help="Print samples, nfe, seconds and tokens_per_s as JSON.")
-def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options, seed, which, device, as_json):
+def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options, seed, which, device, trace, as_json):
     """Generate text from a trained run: from scratch, after a --prompt, or into a --template.
 
     Reports the model calls (NFE) and the generated tokens per second, the tokens the sampler
@@ -173,19 +189,38 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
                 _fail("the template has no <mask> or <mask:N> span to fill")
         except TemplateError as exc:
             _fail(str(exc))
+    if trace is not None:
+        if Path(trace).suffix.lower() not in (".png", ".gif"):
+            _fail(f"--trace {trace}: the picture is a .png or an animated .gif")
+        if not Path(trace).resolve().parent.is_dir():
+            _fail(f"--trace {trace}: the folder {Path(trace).resolve().parent} does not exist")
     device = device or _default_device()
     sampler_choice = (sampler, _sampler_options(options)) if sampler or options else None
     loaded = _load_run(run_dir, which=which, device=device, sampler=sampler_choice)
+    from tdlm.runs import check_sampler_fits
+
+    check_sampler_fits(loaded.components["sampler"][0], loaded.components["objective"][0])
     vocab, cfg, built_sampler = loaded.corpus.vocab, loaded.cfg, loaded.built.sampler
     if stop_at_eos and "stop_at_eos" in type(built_sampler).Config.model_fields:  # e.g. ar: fewer calls
         built_sampler.config = built_sampler.config.model_copy(update={"stop_at_eos": True})
     ids = _canvas_ids(vocab, prompt=prompt, template=template, length=length, seq_len=cfg.data.seq_len)
     canvas = torch.tensor(ids, dtype=torch.long).expand(num, -1).contiguous()
     generator = torch.Generator(device=device).manual_seed(seed)
+    if trace is not None:
+        built_sampler.trace = []
     start = time.perf_counter()
     out = built_sampler.sample(loaded.built.model.net, canvas.to(device), generator)
     tokens = out.tokens.cpu()
     seconds = time.perf_counter() - start
+    if trace is not None:
+        from tdlm.trace import draw_trace
+
+        frames = [canvas[0]] + [frame[0] for frame in built_sampler.trace]
+        if not torch.equal(frames[-1], tokens[0]):
+            frames.append(tokens[0])
+        name = loaded.components["sampler"][0].name
+        draw_trace([f.numpy() for f in frames], vocab.mask_id, vocab.decode, trace, title=f"{name}:")
+        click.echo(f"wrote {trace} ({len(frames) - 1} steps of sample 0)", err=True)
     generated = int((canvas == vocab.mask_id).sum())
     tokens_per_s = generated / max(seconds, 1e-9)
     rows = [cut_at_eos(row, canvas[0], vocab.mask_id, vocab.bos_id) if stop_at_eos else row.tolist()
@@ -314,14 +349,29 @@ def plugins(as_json):
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Rounds, engine and baseline alternating; medians are reported.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: its own).")
+@click.option("--recipe", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Take the model, batch, vocabulary size and objective from a recipe.")
+@click.option("--suite", is_flag=True,
+              help="The tiny and quick recipes, diffusion and AR, with projected wall times of their training.")
+@click.option("--fused/--no-fused", default=False, show_default=True,
+              help="On CUDA, use Liger's fused linear + cross-entropy kernel (when installed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def bench(as_json, device, **settings):
-    """Training tokens/s of the engine's train step vs a hand-written PyTorch loop, as a ratio."""
-    from tdlm.bench import format_result, measure
+def bench(as_json, device, recipe, suite, **settings):
+    """Training tokens/s of the engine's train step vs a hand-written full-logits loop, as a ratio."""
+    from tdlm import bench as benchmark
 
     log = None if as_json else (lambda line: click.echo(line, err=True))
-    result = measure(device=device or _default_device(), log=log, **settings)
-    click.echo(json.dumps(result, indent=2) if as_json else format_result(result))
+    settings.update(device=device or _default_device(), log=log)
+    if suite:
+        for key in ("vocab", "d_model", "n_layers", "n_heads", "batch", "seq_len", "objective"):
+            settings.pop(key)
+        results = benchmark.suite(**settings)
+        click.echo(json.dumps(results, indent=2) if as_json else benchmark.format_suite(results))
+        return
+    if recipe:
+        settings.update(benchmark.recipe_settings(recipe))
+    result = benchmark.measure(**settings)
+    click.echo(json.dumps(result, indent=2) if as_json else benchmark.format_result(result))
 
 
 @cli.command("gen-eval")

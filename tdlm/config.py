@@ -19,9 +19,10 @@ import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tdlm.data.config import DataConfig
+from tdlm.errors import TdlmError
 from tdlm.model import ModelConfig
 
 COMPONENT_SECTIONS = ("schedule", "corruption", "objective", "sampler")
@@ -30,7 +31,7 @@ NONE = "none"
 BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
-class RecipeError(ValueError):
+class RecipeError(TdlmError, ValueError):
     """A recipe (or override) that cannot run: the message says which key and why."""
 
 
@@ -43,6 +44,16 @@ class RunSection(Section):
     """Run directory name under out_dir; default: the recipe file's stem."""
     seed: int = 42
     out_dir: str = "runs"
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str | None) -> str | None:
+        """The run directory is out_dir/name: a name that is empty, '.', '..', absolute or holds a
+        path separator would put it (or its .aborted/ copy) somewhere else."""
+        if name is not None and (name.strip() in ("", ".", "..") or any(c in name for c in "/\\\0")):
+            raise ValueError("must be one folder name (the run directory under run.out_dir): not empty, "
+                             "not '.' or '..', without '/' or a backslash")
+        return name
 
 
 class TrainingConfig(Section):
@@ -225,7 +236,12 @@ def read_recipe(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     except ValidationError as exc:
         raise RecipeError(f"{path}: {format_validation_error(exc, RunConfig)}") from exc
     if cfg.run.name is None:
-        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": path.stem})})
+        try:  # validated like a given name
+            run = RunSection.model_validate({**cfg.run.model_dump(), "name": path.stem})
+        except ValidationError as exc:
+            raise RecipeError(f"{path}: {format_validation_error(exc, RunSection, prefix='run.')} "
+                              "(the recipe file's name; set run.name)") from exc
+        cfg = cfg.model_copy(update={"run": run})
     return cfg
 
 

@@ -90,3 +90,28 @@ def configure_deepspeed(accelerator, micro_batch: int, grad_clip: float | None) 
         raise ValueError(f"DeepSpeed ZeRO stage {stage}: tdlm runs stages 1-3; for plain data parallelism "
                          "use a DDP config (launch/multi_gpu.yaml)")
     return stage
+
+
+def unwrap(accelerator, model):
+    """The module inside DDP's (or DeepSpeed's) wrapper. accelerate's unwrap_model imports
+    DeepSpeed whenever it is installed (and DeepSpeed prints an accelerator warning on import), so
+    it is called only in a DeepSpeed run."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.unwrap_model(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def from_main(accelerator, value):
+    """The main process's `value` (any picklable object), on every process: a decision taken by the
+    main process alone (the run directory, a check of gathered weights) that all must act on."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]

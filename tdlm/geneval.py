@@ -76,6 +76,7 @@ class GenEval:
 
         from tdlm.config import format_validation_error
         from tdlm.plugins import UnknownComponentError
+        from tdlm.runs import check_sampler_fits
 
         recipe_component, recipe_options = self.target.components["sampler"]
         options = dict(options or {})
@@ -88,6 +89,7 @@ class GenEval:
             raise GenEvalError(str(exc)) from None
         except ValidationError as exc:
             raise GenEvalError(format_validation_error(exc, component.config_cls, prefix="sampler.")) from None
+        check_sampler_fits(component, self.target.components["objective"][0])
         objective = self.target.built.model.objective
         return name, config, component.cls(config, objective=objective, vocab=self.target.built.vocab)
 

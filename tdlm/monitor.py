@@ -1,14 +1,24 @@
 """Where a run's figures go: metrics.jsonl for scripts, TensorBoard for people.
 
 Only the main process writes. Every record carries the optimizer step, so a resumed run
-appends to the same files and TensorBoard draws one continuous curve.
+appends to the same files and TensorBoard draws one continuous curve. A resume first cuts
+metrics.jsonl back to its checkpoint's step (rewrite_metrics: atomic); a last line that a kill
+or a full disk left half-written is dropped with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
+
+from tdlm.errors import TdlmError
+
+
+class MetricsError(TdlmError):
+    """metrics.jsonl holds a line that is not a record (other than a half-written last one)."""
 
 
 class RunLogger:
@@ -44,8 +54,49 @@ class RunLogger:
 
 
 def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """The records of metrics.jsonl (of `kind`, if given). A last line that is not valid JSON was
+    cut short by a kill or a full disk mid-write: it is dropped, with a one-line warning."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not (isinstance(record, dict) and "step" in record and "kind" in record):
+                raise ValueError("not a record with a step and a kind")
+            records.append(record)
+        except ValueError as exc:  # json.JSONDecodeError is one
+            if i < len(lines) - 1:
+                raise MetricsError(f"{path}: line {n} is not a metrics record ({exc})") from None
+            print(f"tdlm: warning: {path}: dropped its last line, {len(line)} characters cut short "
+                  "(a kill or a full disk while it was written)", file=sys.stderr)
     return [r for r in records if kind is None or r["kind"] == kind]
+
+
+def rewrite_metrics(run_dir: Path, records: list[dict]) -> None:
+    """Replace metrics.jsonl with `records`, atomically: a kill at any moment leaves either the
+    old file or the new one, never an empty or partial one."""
+    path = Path(run_dir) / "metrics.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,8 +1,15 @@
-"""Run directories: creating them for training and loading them back for eval and sampling."""
+"""Run directories: creating them for training and loading them back for eval and sampling.
+
+A training process holds an exclusive lock on `<run dir>/.lock` (flock, with its PID written in
+the file) from before it looks at the directory until it exits; the OS drops the lock when the
+process dies, however it dies. So two `tdlm run` never train into one directory.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -14,6 +21,7 @@ import numpy as np
 
 from tdlm.components import VocabInfo
 from tdlm.config import RecipeError, RunConfig, resolve_components, resolved_dict, to_toml
+from tdlm.errors import RunError
 
 
 def vocab_info(corpus) -> VocabInfo:
@@ -55,11 +63,17 @@ def environment_info() -> dict:
     }
 
 
+def write_config(run_dir: Path, resolved: dict) -> None:
+    """config.json and config.toml, each replaced atomically."""
+    for name, text in (("config.json", json.dumps(resolved, indent=2)), ("config.toml", to_toml(resolved))):
+        tmp = run_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, run_dir / name)
+
+
 def write_run_files(run_dir: Path, cfg: RunConfig, components: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = resolved_dict(cfg, components)
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
-    (run_dir / "config.toml").write_text(to_toml(resolved))
+    write_config(run_dir, resolved_dict(cfg, components))
     environment = environment_info()
     environment["components"] = {  # which package (and version) provided each component
         kind: {"name": c.name, "plugin": c.plugin, "package": c.package, "version": c.version}
@@ -68,6 +82,192 @@ def write_run_files(run_dir: Path, cfg: RunConfig, components: dict) -> None:
     (run_dir / "environment.json").write_text(json.dumps(environment, indent=2))
 
 
+# -- the state of a run directory, and who holds it ------------------------------------------
+def run_status(run_dir: Path) -> str:
+    """done (finished), partial (has a checkpoint), restart (started, no checkpoint) or new."""
+    run_dir = Path(run_dir)
+    try:
+        if json.loads((run_dir / "summary.json").read_text()).get("status") == "finished":
+            return "done"
+    except (OSError, json.JSONDecodeError):
+        pass
+    if (run_dir / "checkpoints" / "last.json").exists():
+        return "partial"
+    if (run_dir / "config.json").exists():
+        return "restart"
+    return "new"
+
+
+class RunLock:
+    """An exclusive flock on `<run_dir>/.lock`, with the holder's PID in the file. Released by
+    release(), or by the OS when the process ends (a crash or a kill -9 included)."""
+
+    def __init__(self, run_dir: Path):
+        self.fd, self.run_dir = None, Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunError(f"run directory {self.run_dir} is in use by another tdlm process (PID {holder}); "
+                           f"wait for it to end or stop it (kill -TERM {holder}: it checkpoints first), "
+                           "then try again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self, *, discard_if_empty: bool = False) -> None:
+        """Drop the lock; `discard_if_empty`: remove the directory too if the lock file is all it
+        holds (a run that failed before writing anything leaves no directory behind)."""
+        if self.fd is None:
+            return
+        if discard_if_empty and [p.name for p in self.run_dir.iterdir()] == [".lock"]:
+            (self.run_dir / ".lock").unlink()
+            self.run_dir.rmdir()
+        os.close(self.fd)  # closing the descriptor drops the flock
+        self.fd = None
+
+    def __del__(self):
+        self.release()
+
+
+def set_aside(run_dir: Path, lock: RunLock | None = None) -> Path:
+    """Move a run that died before its first checkpoint to <parent>/.aborted/<name>-<n> (nothing
+    is deleted). Refused while another process holds the directory; `lock`: ours, if we hold it."""
+    run_dir = Path(run_dir)
+    own = lock or RunLock(run_dir)
+    try:
+        aborted = run_dir.parent / ".aborted"
+        aborted.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while (aborted / f"{run_dir.name}-{n}").exists():
+            n += 1
+        return run_dir.rename(aborted / f"{run_dir.name}-{n}")
+    finally:
+        if lock is None:
+            own.release()
+
+
+def claim_run_dir(run_dir: Path, *, resume: bool, echo=print) -> RunLock:
+    """Lock `run_dir` for a training process and check it can do what was asked: a new run in a
+    new directory (one that died before its first checkpoint is set aside into .aborted/ and
+    started again), or a resume of a run with a checkpoint. The lock is held on return."""
+    run_dir = Path(run_dir)
+    if resume and not run_dir.is_dir():
+        raise RunError(f"--resume: no checkpoint to resume in {run_dir} (no such run directory); "
+                       "start it without --resume")
+    lock = RunLock(run_dir)
+    try:
+        status = run_status(run_dir)
+        if resume and not (run_dir / "checkpoints" / "last.json").exists():
+            why = ("it stopped before its first checkpoint; start it again without --resume (the old files go "
+                   "to .aborted/)" if status == "restart" else "start it without --resume")
+            raise RunError(f"--resume: no checkpoint to resume in {run_dir} "
+                           f"(looked for {run_dir / 'checkpoints' / 'last.json'}); {why}")
+        if not resume and status in ("done", "partial"):
+            raise RunError(f"run directory {run_dir} already holds a run; continue it with --resume, "
+                           "or start a new one with --set run.name=<new name> (nothing was overwritten)")
+        if not resume and status == "restart":
+            moved = set_aside(run_dir, lock)
+            lock.release()
+            lock = RunLock(run_dir)
+            echo(f"tdlm: {run_dir} held a run that stopped before its first checkpoint: moved it to {moved}; "
+                 "starting again")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+# -- what may change when a run is resumed ---------------------------------------------------
+RESUME_MAY_CHANGE = (
+    "run.out_dir", "run.name",  # where the directory is (it may have been moved or renamed)
+    "logging.",  # what is shown
+    "eval.", "sampler.",  # what is measured and how samples are drawn: not the training
+    "training.eval_every", "training.eval_sequences", "training.checkpoint_every", "training.log_every",
+    "training.micro_batch_size", "training.compile",  # fit the hardware, as the process count does
+    "training.max_steps", "training.epochs",  # the length: the lr schedule follows the new total
+)
+"""Keys of the resolved config that `--resume` accepts changed (a key, or a prefix ending in '.').
+Everything else (data, model, objective, corruption, schedule, seed, optimizer, batch, precision)
+decides what is trained: a change is refused."""
+
+
+MISSING = "(absent)"
+
+
+def _flatten(table: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
+    """Dotted key -> (saved value, current value) for every key where two resolved configs differ
+    (MISSING where one of them lacks the key), in the current config's order."""
+    old, new = _flatten(saved), _flatten(current)
+    keys = list(new) + [k for k in old if k not in new]
+    return {k: (old.get(k, MISSING), new.get(k, MISSING)) for k in keys if old.get(k, MISSING) != new.get(k, MISSING)}
+
+
+def may_change_on_resume(key: str) -> bool:
+    return any(key == rule or (rule.endswith(".") and key.startswith(rule)) for rule in RESUME_MAY_CHANGE)
+
+
+def check_resume_config(run_dir: Path, cfg: RunConfig, components: dict, registry=None) -> dict[str, tuple]:
+    """Compare the recipe of a resume with the run's saved config.json (both with every default
+    filled in). Refuse any change to what is trained; return the allowed changes."""
+    from tdlm.plugins import PluginError, build_registry
+
+    run_dir = Path(run_dir)
+    try:
+        saved_cfg = read_run_config(run_dir)
+        saved = resolved_dict(saved_cfg, resolve_components(saved_cfg, registry or build_registry()))
+    except (RecipeError, PluginError, ValueError) as exc:
+        raise RunError(f"--resume: the saved config of {run_dir} no longer validates ({exc}); "
+                       "resume with the tdlm version and plugins that started the run") from None
+    changes = config_changes(saved, resolved_dict(cfg, components))
+    refused = {k: v for k, v in changes.items() if not may_change_on_resume(k)}
+    if refused:
+        listed = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in refused.items())
+        raise RunError(
+            f"--resume: the recipe trains something else than the run in {run_dir}: {listed}. A resume may "
+            "change only where the run is, logging, eval and sampler settings, eval/log/checkpoint cadence, "
+            "micro_batch_size, compile and the length (max_steps/epochs); resume with the run's own recipe "
+            f"(tdlm run {run_dir / 'config.toml'} --resume) or start a new run (--set run.name=<new name>)")
+    return changes
+
+
+def _show(value) -> str:
+    return value if value is MISSING else json.dumps(value)
+
+
+def samples_causal(sampler) -> bool:
+    """Whether a sampler drives a causal (autoregressive) network. A sampler class may say so in a
+    `causal` attribute; otherwise its name does: `ar` and `ar-...` are for causal models, every
+    other sampler needs a masked-diffusion denoiser."""
+    declared = getattr(sampler.cls, "causal", None)
+    return declared if declared is not None else sampler.name == "ar" or sampler.name.startswith("ar-")
+
+
+def check_sampler_fits(sampler, objective) -> None:
+    """Refuse a sampler of the other objective (registered components): it would run, and write
+    meaningless text. The one check of `tdlm sample` and `tdlm gen-eval`."""
+    causal = bool(getattr(objective.cls, "causal", False))
+    if samples_causal(sampler) != causal:
+        kind, other = ("autoregressive", "masked-diffusion") if causal else ("masked-diffusion", "autoregressive")
+        raise RecipeError(f"sampler {sampler.name!r} is for {other} models and this run is a {kind} one "
+                          f"(objective {objective.name!r}); use one of its own samplers, e.g. "
+                          f"{objective.cls.default_sampler!r}")
+
+
+# -- loading a run back ------------------------------------------------------------------------
 def read_run_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / "config.json"
     if not path.exists():

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
-import json
 import os
 import re
 import shlex
@@ -53,6 +52,7 @@ from tdlm.config import (
     resolve_components,
     toml_value,
 )
+from tdlm.runs import run_status, set_aside
 
 SLURM_TEMPLATE = Path(__file__).resolve().parent.parent / "launch" / "slurm_array.sh"
 RESERVED_KEYS = ("run.name", "run.out_dir")  # the sweep sets these itself
@@ -285,32 +285,6 @@ def _parameters(cfg: RunConfig) -> int | None:
     with torch.device("meta"):
         net = Transformer(cfg.model, vocab_size=vocab, max_len=cfg.data.seq_len, causal=False)
     return net.num_parameters(non_embedding=True)
-
-
-# -- state of a run on disk -----------------------------------------------------------------
-def run_status(run_dir: Path) -> str:
-    """done (finished), partial (has a checkpoint), restart (started, no checkpoint) or new."""
-    run_dir = Path(run_dir)
-    try:
-        if json.loads((run_dir / "summary.json").read_text()).get("status") == "finished":
-            return "done"
-    except (OSError, json.JSONDecodeError):
-        pass
-    if (run_dir / "checkpoints" / "last.json").exists():
-        return "partial"
-    if (run_dir / "config.json").exists():
-        return "restart"
-    return "new"
-
-
-def set_aside(run_dir: Path) -> Path:
-    """Move a run that died before its first checkpoint out of the way (nothing is deleted)."""
-    aborted = run_dir.parent / ".aborted"
-    aborted.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while (aborted / f"{run_dir.name}-{n}").exists():
-        n += 1
-    return run_dir.rename(aborted / f"{run_dir.name}-{n}")
 
 
 def format_plan(sweep: Sweep, runs: list[SweepRun]) -> str:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -20,13 +21,14 @@ from tqdm.auto import tqdm
 from tdlm import checkpoint as ckpt
 from tdlm.config import RecipeError, RunConfig, resolved_dict, to_toml
 from tdlm.data import load_corpus, pack, train_stream
-from tdlm.distributed import StopAgreement, configure_deepspeed, make_accelerator
+from tdlm.distributed import StopAgreement, configure_deepspeed, from_main, make_accelerator, unwrap
+from tdlm.errors import RunError
 from tdlm.evaluate import evaluate
 from tdlm.flops import flops_per_token, mfu, peak_flops
 from tdlm.lm import build_model
-from tdlm.monitor import RunLogger, read_metrics
+from tdlm.monitor import RunLogger, read_metrics, rewrite_metrics
 from tdlm.optim import build_optimizer, lr_at
-from tdlm.runs import vocab_info, write_run_files
+from tdlm.runs import check_resume_config, claim_run_dir, vocab_info, write_config, write_run_files
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,9 +52,17 @@ def mixed_precision(setting: str) -> str:
 class Trainer:
     def __init__(self, cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None):
         self.cfg, self.tc, self.stop_at = cfg, cfg.training, stop_at
-        self.accelerator = acc = make_accelerator(mixed_precision(self.tc.mixed_precision))
+        self.accelerator = make_accelerator(mixed_precision(self.tc.mixed_precision))
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
-        self._check_run_dir(resume)
+        self.lock = self._claim_run_dir(resume, components)  # held until fit() ends, or the process does
+        try:
+            self._set_up(components, resume)
+        except BaseException:
+            self.release_run_dir(discard_if_empty=True)
+            raise
+
+    def _set_up(self, components: dict, resume: bool) -> None:
+        cfg, acc = self.cfg, self.accelerator
         acc.wait_for_everyone()  # every process has looked at the run directory before the first writes to it
         with acc.main_process_first():  # one process tokenises into the cache; the others then read it
             self.corpus = load_corpus(cfg.data, progress=cfg.logging.progress and acc.is_main_process)
@@ -75,50 +85,76 @@ class Trainer:
             raise RecipeError(f"training.micro_batch_size ({self.micro}) must divide the per-process batch ({per_rank})")
         model = self.built.model
         if self.tc.compile:
-            model.net.compile()  # in place: state_dict keys stay the same
+            # the objectives call net.features (the head is applied where the loss is), so that is
+            # what gets compiled; an attribute, so the state_dict keys stay the same
+            model.net.features = torch.compile(model.net.features)
         self.optimizer = build_optimizer(model, self.tc)
         self.deepspeed = configure_deepspeed(acc, self.micro, self.tc.grad_clip)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.step, self.best = 0, math.inf
+        # totals over every session of the run (kept in the checkpoints): training time alone (no
+        # eval, no saving; for tokens/s and MFU) and its steps, wall time, sessions
+        self.train_seconds, self.timed_steps, self.wall_before, self.sessions = 0.0, 0, 0.0, 1
+        self._reset_window()
         if resume:
             self._resume()
-        elif acc.is_main_process:
-            write_run_files(self.run_dir, cfg, components)
+            if acc.is_main_process and self.resume_changes:  # allowed ones (checked in _claim_run_dir)
+                write_config(self.run_dir, resolved_dict(cfg, components))
+        else:
+            self._check_stop_at()
+            if acc.is_main_process:
+                write_run_files(self.run_dir, cfg, components)
         self.logger = RunLogger(self.run_dir, tensorboard=cfg.logging.tensorboard, enabled=acc.is_main_process)
         self.logger.text(self.step, "config", to_toml(resolved_dict(cfg, components)))
         self.stop_requested = False
         self.stop_agreement = StopAgreement(acc.num_processes)
+
+    def _reset_window(self) -> None:
+        """The figures of the steps since the last log record: loss sum, steps, training seconds and
+        the objective's stats (summed on the device, read at the next log step)."""
+        self.window_loss = torch.zeros((), device=self.accelerator.device)
+        self.window_steps, self.window_seconds = 0, 0.0
         self.window_stats: dict[str, torch.Tensor] = {}
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
+        try:
+            return self._loop()
+        finally:
+            self.release_run_dir()
+
+    def _loop(self) -> dict:
         acc, tc = self.accelerator, self.tc
         self._announce()
         handlers = self._catch_signals()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.logging.progress and acc.is_main_process),
                    desc=self.cfg.run.name, dynamic_ncols=True)
-        running, window_start, window_steps = torch.zeros((), device=acc.device), time.perf_counter(), 0
-        self.train_seconds, self.timed_steps = 0.0, 0  # training time alone (no eval, no saving): for MFU
+        window_start = time.perf_counter()
         try:
             while self.step < self.total_steps:
-                running += self.train_step()
+                self.window_loss += self.train_step()
                 self.step += 1
-                window_steps += 1
+                self.window_steps += 1
                 bar.update(1)
                 at_eval = self.step % tc.eval_every == 0 or self.step == self.total_steps
                 at_ckpt = at_eval or (tc.checkpoint_every and self.step % tc.checkpoint_every == 0)
                 stopping = self.stop_agreement.any(self.stop_requested) or self.step == self.stop_at
-                logging = self.step % tc.log_every == 0 or at_ckpt or stopping
+                # a stop between log steps logs nothing: its checkpoint carries the open window, and
+                # the next session logs it where an uninterrupted run would
+                logging = self.step % tc.log_every == 0 or at_ckpt
+                if logging or stopping:
+                    self.window_seconds += time.perf_counter() - window_start
                 if logging:
-                    elapsed = time.perf_counter() - window_start
-                    self.train_seconds, self.timed_steps = self.train_seconds + elapsed, self.timed_steps + window_steps
-                    self.log_train(running / window_steps, window_steps * self.tokens_per_step / elapsed, bar)
-                    running, window_steps = running.zero_(), 0
+                    self.train_seconds += self.window_seconds
+                    self.timed_steps += self.window_steps
+                    self.log_train(self.window_loss / self.window_steps,
+                                   self.window_steps * self.tokens_per_step / max(self.window_seconds, 1e-9), bar)
+                    self._reset_window()
                 if at_eval:
                     self.evaluate_and_sample()
                 if at_ckpt or stopping:
                     self.save()
-                if logging:  # the next window times training only, not this step's eval and save
+                if logging or stopping:  # the next window times training only, not this step's eval and save
                     window_start = time.perf_counter()
                 if stopping:
                     return self.finish("stopped", bar)
@@ -128,6 +164,11 @@ class Trainer:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             self.logger.close()
+
+    def release_run_dir(self, *, discard_if_empty: bool = False) -> None:
+        if getattr(self, "lock", None) is not None:
+            self.lock.release(discard_if_empty=discard_if_empty)
+            self.lock = None
 
     def train_step(self) -> torch.Tensor:
         acc, model = self.accelerator, self.model
@@ -179,7 +220,7 @@ class Trainer:
 
     def evaluate_and_sample(self, *, sequences: int | None = -1, split: str = "valid") -> dict:
         """Every process scores its share of the batches; all of them get the gathered result."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = unwrap(self.accelerator, self.model)
         limit = self.tc.eval_sequences if sequences == -1 else sequences
         seqs = self.valid_seqs[:limit] if limit else self.valid_seqs
         result = self.score(model, seqs, None, split)
@@ -224,7 +265,20 @@ class Trainer:
         if self.deepspeed:  # every process takes part: under ZeRO-3 this gathers the shards
             weights = acc.get_state_dict(self.model)
         else:  # (get_state_dict would import DeepSpeed whenever it is installed)
-            weights = acc.unwrap_model(self.model).state_dict()
+            weights = unwrap(acc, self.model).state_dict()
+        # only finite weights are ever saved, so "last" is always a good checkpoint (the loss
+        # checked at log steps is the one before the update: the update itself can diverge)
+        finite = ckpt.all_finite(weights) if acc.is_main_process else None
+        if not from_main(acc, finite):
+            raise TrainingDiverged(
+                f"the weights became NaN or infinite by step {self.step}; they were not saved and the run stopped. "
+                f"The last good checkpoint ({self._last_good()}) is kept. Try a lower training.lr, more "
+                "training.warmup_steps or training.grad_clip.")
+        window = None
+        if self.window_steps:  # stopped between log steps: the next session logs this window
+            window = {"steps": self.window_steps, "seconds": self.window_seconds,
+                      "loss_sum": acc.reduce(self.window_loss, reduction="mean").item(),
+                      "stats": {k: acc.reduce(v, reduction="sum").cpu() for k, v in self.window_stats.items()}}
         fresh = not ckpt.final_dir(self.run_dir, self.step).exists()
         if self.deepspeed and fresh:
             if acc.is_main_process:
@@ -234,7 +288,9 @@ class Trainer:
             acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": self.step, "best": self.best, "rng": ckpt.rng_state(), "engine": self.engine_name(),
-                     "processes": acc.num_processes,
+                     "processes": acc.num_processes, "total_steps": self.total_steps, "window": window,
+                     "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
+                     "wall_seconds": self._wall_seconds(), "sessions": self.sessions,
                      "pointer_info": {"val_nll": getattr(self, "last_val", {}).get("nll_per_token")}}
             if not self.deepspeed:
                 state["optimizer"] = self.optimizer.state_dict()
@@ -257,8 +313,8 @@ class Trainer:
                    "epochs": self.stream.epoch_of(self.step),
                    **self.sizes, "engine": self.engine_name(),
                    "device": _device_name(acc.device), "processes": acc.num_processes,
-                   **self._throughput(),
-                   "wall_time_s": time.perf_counter() - self.started}
+                   **self._throughput(), "sessions": self.sessions,
+                   "wall_time_s": self._wall_seconds()}
         if status == "finished":
             # the best weights, in a plain copy of the model on every process (the trained module
             # may be partitioned by ZeRO-3); processes share the scoring as in training
@@ -271,30 +327,47 @@ class Trainer:
                 summary[split] = self.score(model, seqs, tail, split, progress=self.cfg.logging.progress)
                 self.logger.log(self.step, _scalars(summary[split]), f"final_{split}")
             summary["samples"] = self.sample_text(model)
-            summary["wall_time_s"] = time.perf_counter() - self.started
+            summary["wall_time_s"] = self._wall_seconds()
         if acc.is_main_process:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.wait_for_everyone()
         return summary
 
     def _throughput(self) -> dict:
-        """Training tokens/s of this session (eval and saving excluded), FLOPs per token and MFU."""
+        """Training tokens/s over every session of the run (eval and saving excluded), the seconds
+        they took, FLOPs per token and MFU."""
         acc, per_token = self.accelerator, self.flops_per_token
-        rate = self.timed_steps * self.tokens_per_step / self.train_seconds if self.train_seconds else None
+        seconds = self.train_seconds + self.window_seconds  # the open window of a stop between log steps
+        steps = self.timed_steps + self.window_steps
+        rate = steps * self.tokens_per_step / seconds if seconds else None
         peak = peak_flops(acc.device, acc.mixed_precision)
-        return {"train_tokens_per_s": rate, "flops_per_token": per_token,
+        return {"train_tokens_per_s": rate, "train_seconds": seconds, "flops_per_token": per_token,
                 "mfu": mfu(rate, per_token, peak * acc.num_processes) if rate and peak else None}
 
+    def _wall_seconds(self) -> float:
+        """Wall time of the run's sessions: each from the start of its loop to its last checkpoint
+        (what a checkpoint records), this one to now."""
+        return self.wall_before + time.perf_counter() - self.started
+
     # -- set-up helpers ----------------------------------------------------------------------
-    def _check_run_dir(self, resume: bool) -> None:
-        pointer = self.run_dir / "checkpoints" / "last.json"
-        if resume and not pointer.exists():
-            raise RecipeError(f"--resume: no checkpoint to resume in {self.run_dir} (looked for {pointer})")
-        if not resume and (self.run_dir / "config.json").exists():
-            raise RecipeError(
-                f"run directory {self.run_dir} already holds a run; continue it with --resume, "
-                f"or start a new one with --set run.name=<new name> (nothing was overwritten)"
-            )
+    def _claim_run_dir(self, resume: bool, components: dict):
+        """The main process locks the run directory and checks it (and, on --resume, that the
+        recipe still describes the saved run); every process raises the same error if not."""
+        acc, lock, problem = self.accelerator, None, None
+        self.resume_changes = {}
+        if acc.is_main_process:
+            try:
+                lock = claim_run_dir(self.run_dir, resume=resume, echo=tqdm.write)
+                if resume:
+                    self.resume_changes = check_resume_config(self.run_dir, self.cfg, components)
+            except Exception as exc:  # raised on every process below, not on this one alone
+                if lock is not None:
+                    lock.release()
+                problem = exc
+        problem = from_main(acc, problem)
+        if problem is not None:
+            raise problem
+        return lock
 
     def _resume(self) -> None:
         acc = self.accelerator
@@ -311,13 +384,39 @@ class Trainer:
                 )
             acc.load_state(str(path / "engine"))
         else:
-            ckpt.load_weights(acc.unwrap_model(self.model), path)
+            ckpt.load_weights(unwrap(acc, self.model), path)
             self.optimizer.load_state_dict(state["optimizer"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.best = state["step"], state["best"]
-        if self.accelerator.is_main_process:  # drop records the interrupted run wrote after this checkpoint
-            kept = [r for r in read_metrics(self.run_dir) if r["step"] <= self.step]
-            (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.step > self.total_steps:
+            raise RunError(f"--resume: the run is at step {self.step}, past the recipe's {self.total_steps} steps "
+                           "(training.max_steps / training.epochs); it can be made longer, not shorter")
+        self._check_stop_at()
+        self.train_seconds, self.timed_steps = state.get("train_seconds", 0.0), state.get("timed_steps", 0)
+        self.wall_before, self.sessions = state.get("wall_seconds", 0.0), state.get("sessions", 1) + 1
+        window = state.get("window")
+        if window:  # the window a stop between log steps left open
+            self.window_steps, self.window_seconds = window["steps"], window["seconds"]
+            self.window_loss.fill_(window["loss_sum"])  # the mean over processes, on each
+            if acc.is_main_process:  # sums over processes, on one
+                self.window_stats = {k: v.to(acc.device) for k, v in window["stats"].items()}
+        if acc.is_main_process:
+            before = state.get("total_steps", self.total_steps)
+            if before != self.total_steps:
+                tqdm.write(f"tdlm: warning: the run had {before} steps and now has {self.total_steps}: the learning-rate "
+                           f"schedule decays over the new total from step {self.step} on, so this run is no longer "
+                           "the one an uninterrupted run of either length would be", file=sys.stderr)
+            if self.resume_changes:
+                tqdm.write("tdlm: resuming with changed settings (now in config.json): " + "; ".join(
+                    f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in self.resume_changes.items()),
+                    file=sys.stderr)
+            # drop records the interrupted run wrote after this checkpoint
+            rewrite_metrics(self.run_dir, [r for r in read_metrics(self.run_dir) if r["step"] <= self.step])
+
+    def _check_stop_at(self) -> None:
+        if self.stop_at is not None and self.stop_at <= self.step:
+            where = f"is at step {self.step} already (its last checkpoint)" if self.step else "starts at step 0"
+            raise RunError(f"--stop-at {self.stop_at}: the run {where}; give a later step")
 
     def _announce(self) -> None:
         self.started = time.perf_counter()
@@ -328,7 +427,7 @@ class Trainer:
                 f"vocab {self.vocab.size:,} | {self.stream.num_sequences:,} train sequences of {self.cfg.data.seq_len} | "
                 f"{self.total_steps:,} steps ({self.total_steps / self.stream.batches_per_epoch:.2f} epochs) | "
                 f"{self.accelerator.num_processes} process(es) ({self.engine_name()}) on {_device_name(self.accelerator.device)}"
-                + (f" | resuming at step {self.step}" if self.step else "")
+                + (f" | resuming at step {self.step} (session {self.sessions})" if self.sessions > 1 else "")
             )
 
     def _catch_signals(self) -> dict:

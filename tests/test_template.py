@@ -103,17 +103,28 @@ def test_ar_sampler_stops_calling_the_model_once_every_row_has_ended(build, exac
 # --- the command line -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny diffusion run, trained for 2 steps."""
+def train_tiny(tmp_path_factory, objective: str):
+    """A tiny run of `objective`, trained for 2 steps; yielded with the test cache directory set."""
     root = tmp_path_factory.mktemp("sample")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TDLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-        recipe = toy_recipe(root / "r.toml", write_toy_corpus(root / "corpus"), root / "runs")
+        recipe = toy_recipe(root / "r.toml", write_toy_corpus(root / "corpus"), root / "runs", objective=objective)
         result = CliRunner().invoke(cli, ["run", str(recipe), "--set", "training.max_steps=2",
                                           "--set", "eval.final_splits=[]", "--set", "eval.sample_num=0"])
         assert result.exit_code == 0, result.output
         yield root / "runs" / "r"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny diffusion run, trained for 2 steps."""
+    yield from train_tiny(tmp_path_factory, "diffusion")
+
+
+@pytest.fixture(scope="module")
+def trained_ar(tmp_path_factory):
+    """A tiny autoregressive run, trained for 2 steps (the `ar` sampler refuses a diffusion run)."""
+    yield from train_tiny(tmp_path_factory, "ar")
 
 
 def sample_json(run_dir, *args):
@@ -143,7 +154,7 @@ def test_semi_ar_nested_options_from_the_command_line(trained):
     assert dotted["nfe"] == 3
 
 
-def test_stop_at_eos_cuts_the_text_and_reaches_the_ar_sampler(trained, monkeypatch):
+def test_stop_at_eos_cuts_the_text_and_reaches_the_ar_sampler(trained, trained_ar, monkeypatch):
     run_dir = trained
     out = sample_json(run_dir, "--prompt", "the cat", "--stop-at-eos", "--num", "3", "--sampler", "confidence",
                       "--option", "steps=4")
@@ -157,8 +168,8 @@ def test_stop_at_eos_cuts_the_text_and_reaches_the_ar_sampler(trained, monkeypat
 
     original = AutoregressiveSampler.sample
     monkeypatch.setattr(AutoregressiveSampler, "sample", record)
-    sample_json(run_dir, "--template", "the<mask:2> .", "--sampler", "ar", "--stop-at-eos", "--num", "1")
-    sample_json(run_dir, "--template", "the<mask:2> .", "--sampler", "ar", "--num", "1")
+    sample_json(trained_ar, "--template", "the<mask:2> .", "--sampler", "ar", "--stop-at-eos", "--num", "1")
+    sample_json(trained_ar, "--template", "the<mask:2> .", "--sampler", "ar", "--num", "1")
     assert seen == [True, False]
 
 
