@@ -43,7 +43,7 @@ class CARTMasking(UniformMasking):
     def training_terms(self, denoise, x0, t, generator):
         xt = self.corrupt(x0, t, generator)
         weights = cart_weights(xt == self.vocab.mask_id, self.config.p)
-        return weights * denoise(xt).cross_entropy(x0)
+        return denoise(xt).cross_entropy(x0, weights)
 
 
 @hookimpl

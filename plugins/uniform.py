@@ -13,7 +13,7 @@ class UniformMasking(Corruption):
         return torch.where(noise < mask_prob[:, None], self.vocab.mask_id, x0)
 
     def nelbo_terms(self, denoised, x0, xt, t):
-        return self.schedule.weight(t)[:, None] * denoised.cross_entropy(x0)
+        return denoised.cross_entropy(x0, self.schedule.weight(t)[:, None])
 
     def reverse_unmask_probs(self, probs, xt, t, s):
         alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s)

@@ -217,6 +217,7 @@ def measure(*, vocab: int = 4096, d_model: int = 64, n_layers: int = 2, n_heads:
 def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup, objective, device, repeats,
              seed, chunk, model, log) -> dict:
     from tdlm.components import VocabInfo
+    from tdlm.distributed import unwrap
 
     cfg, components = bench_config(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, batch=batch,
                                    seq_len=seq_len, objective=objective, seed=seed, model=model,
@@ -225,7 +226,7 @@ def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup
     data = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
     trainer = engine_trainer(cfg, components, info, device, data)
     baseline = Baseline(cfg, components, info, device, data)
-    engine_net = trainer.accelerator.unwrap_model(trainer.model).net
+    engine_net = unwrap(trainer.accelerator, trainer.model).net
     for (name, a), b in zip(engine_net.state_dict().items(), baseline.net.state_dict().values()):
         if not torch.equal(a, b):
             raise AssertionError(f"engine and baseline start from different weights ({name})")

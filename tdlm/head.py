@@ -25,21 +25,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # logits made at once. On a CPU a chunk that stays in cache between the matmul and the softmax
-# passes is fastest (8 MB: 41 rows of a 50,257-token head); on a GPU each chunk costs kernel
+# passes is fastest (16 MB: 83 rows of a 50,257-token head); on a GPU each chunk costs kernel
 # launches, so chunks are large (1 GB: the whole head of a 64 x 128 batch at once).
-CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**28}
+CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**28}
+EVAL_CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**28}  # no gradient to make: smaller chunks fit better
 # On a GPU, logits up to this size are made whole and scored by PyTorch's own cross-entropy:
 # recomputing them in the backward costs more there than the memory (measured on an H200: the
 # chunked kernel 6.0 ms against 3.9 ms for the plain one on 4,096 rows of a GPT-2 head).
 PLAIN_ELEMENTS_CUDA = 2**30
-# Gathering the masked rows needs their count on the host: free on a CPU, but on a GPU it waits
-# for the device at every step, so there the head scores every position and the unmasked ones
-# are zeroed (the same sums; the GPU's spare throughput pays for the extra rows).
-GATHER_MASKED_ON = {"cpu"}
+# Devices where reading a tensor on the host costs nothing (no queue of work to wait for).
+# Gathering the masked rows needs their count on the host, and the one-pass gradient checks the
+# upstream gradient there: on a GPU both would wait for the device at every step, so there the
+# head scores every position (the unmasked ones zeroed: the same sums) and the backward recomputes.
+SYNC_FREE_DEVICES = {"cpu"}
 
 
-def chunk_rows(vocab_size: int, device: torch.device) -> int:
-    return max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"]) // vocab_size)
+def chunk_rows(vocab_size: int, device: torch.device, sizes: dict = CHUNK_ELEMENTS) -> int:
+    return max(1, sizes.get(device.type, sizes["cuda"]) // vocab_size)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,43 +65,95 @@ def _logsumexp_(logits: Tensor) -> Tensor:
     return logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
 
 
+class _Workspace:
+    """One reusable [rows, V] buffer per (device, dtype, V): a fresh 16 MB chunk at every step
+    is fresh pages from the kernel (page faults were a third of the CPU time of a step)."""
+
+    buffers: dict = {}
+
+    @classmethod
+    def get(cls, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (device, dtype, vocab)
+        buffer = cls.buffers.get(key)
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = cls.buffers[key] = torch.empty(rows, vocab, dtype=dtype, device=device)
+        return buffer[:rows]
+
+
+def _logits_into(buffer: Tensor, h: Tensor, w: Tensor) -> Tensor:
+    """h @ w.T written into `buffer` (no allocation) when the dtypes allow it."""
+    if buffer.dtype == h.dtype == w.dtype:
+        return torch.mm(h, w.t(), out=buffer)
+    return buffer.copy_(F.linear(h, w))
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """y_i = row_weight_i * CE_i, chunk by chunk.
+
+    When gradients are wanted, the forward pass also makes them, for the case that every y_i
+    gets the same upstream gradient c (a sum or a mean of the y_i, as every tdlm loss is): then
+    d/dlogits_i = c * row_weight_i * (softmax_i - onehot_i) is known while the chunk's softmax is
+    at hand, and the backward only scales. Any other upstream gradient makes the chunks again
+    (exact either way). That is one pass over the [M, V] logits instead of two.
+    """
+
     @staticmethod
-    def forward(ctx, hidden, weight, targets, dtype):
+    def forward(ctx, hidden, weight, targets, row_weight, dtype, eager):
         rows = chunk_rows(weight.shape[0], hidden.device)
         w, acc = weight.to(dtype), _accumulate_dtype(dtype)
         ce = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         lse = torch.empty_like(ce)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], rows):
-                part = slice(start, start + rows)
-                logits = F.linear(hidden[part].to(dtype), w).to(acc)
-                target_logit = logits.gather(1, targets[part, None]).squeeze(1)  # before the in-place lse
-                lse[part] = _logsumexp_(logits)
-                ce[part] = lse[part] - target_logit
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.dtype = dtype
-        return ce
-
-    @staticmethod
-    def backward(ctx, grad_ce):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        dtype, rows = ctx.dtype, chunk_rows(weight.shape[0], hidden.device)
-        w, acc = weight.to(dtype), _accumulate_dtype(dtype)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if eager else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if eager else None
+        buffer = _Workspace.get(min(rows, hidden.shape[0]), weight.shape[0], acc, hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], rows):
                 part = slice(start, start + rows)
                 h = hidden[part].to(dtype)
-                # d ce_i / d logits_i = softmax_i - onehot(target_i), times the incoming gradient
-                grad_logits = F.linear(h, w).to(acc).sub_(lse[part, None]).exp_()  # in place: no new [rows, V]
-                grad_logits[torch.arange(len(grad_logits), device=h.device), targets[part]] -= 1.0
-                grad_logits *= grad_ce[part, None].to(acc)
-                if grad_hidden is not None:
-                    grad_hidden[part] = (grad_logits.to(dtype) @ w).to(hidden.dtype)
-                grad_weight.addmm_(grad_logits.t(), h.to(acc))
-        return grad_hidden, grad_weight.to(weight.dtype), None, None
+                logits = _logits_into(buffer[: h.shape[0]], h, w)
+                target_logit = logits.gather(1, targets[part, None]).squeeze(1)  # before the in-place lse
+                lse[part] = _logsumexp_(logits)  # logits now holds exp(logits - max)
+                ce[part] = lse[part] - target_logit
+                if eager:
+                    probs = logits.div_(logits.sum(-1, keepdim=True))
+                    probs[torch.arange(len(probs), device=h.device), targets[part]] -= 1.0
+                    if row_weight is not None:
+                        probs.mul_(row_weight[part, None].to(acc))
+                    torch.mm(probs.to(dtype), w, out=grad_hidden[part]) if dtype == acc else \
+                        grad_hidden[part].copy_(probs.to(dtype) @ w)
+                    grad_weight.addmm_(probs.t(), h.to(acc))
+        ctx.save_for_backward(hidden, weight, targets, lse, row_weight, grad_hidden, grad_weight)
+        ctx.dtype = dtype
+        return ce if row_weight is None else ce * row_weight.to(acc)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        hidden, weight, targets, lse, row_weight, grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None and torch.equal(grad_y, grad_y[:1].expand_as(grad_y)):
+            c = grad_y[0]  # out of place: a second backward (retain_graph) must find the saved ones
+            return (grad_hidden * c).to(hidden.dtype), (grad_weight * c).to(weight.dtype), None, None, None, None
+        return _recomputed_gradients(ctx, grad_y, hidden, weight, targets, lse, row_weight)
+
+
+def _recomputed_gradients(ctx, grad_y, hidden, weight, targets, lse, row_weight):
+    """The backward for any upstream gradient: the chunks' softmax made again."""
+    dtype, rows = ctx.dtype, chunk_rows(weight.shape[0], hidden.device)
+    w, acc = weight.to(dtype), _accumulate_dtype(dtype)
+    upstream = grad_y if row_weight is None else grad_y * row_weight
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    buffer = _Workspace.get(min(rows, hidden.shape[0]), weight.shape[0], acc, hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], rows):
+            part = slice(start, start + rows)
+            h = hidden[part].to(dtype)
+            # d ce_i / d logits_i = softmax_i - onehot(target_i), times the incoming gradient
+            grad_logits = _logits_into(buffer[: h.shape[0]], h, w).sub_(lse[part, None]).exp_()
+            grad_logits[torch.arange(len(grad_logits), device=h.device), targets[part]] -= 1.0
+            grad_logits.mul_(upstream[part, None].to(acc))
+            grad_hidden[part] = (grad_logits.to(dtype) @ w).to(hidden.dtype)
+            grad_weight.addmm_(grad_logits.t(), h.to(acc))
+    return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
 # TDLM_FUSED_CE=1 asks for Liger's fused kernel on CUDA. Off by default: per-row losses
@@ -121,38 +175,49 @@ def _fused_kernel():
     return liger_fused_linear_cross_entropy
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, fused: bool = True) -> Tensor:
-    """-log softmax(hidden @ weight.T)[targets] per row: [M] float32 (float64 for float64
-    inputs), without the [M, V] logits.
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, row_weight: Tensor | None = None, *,
+                         fused: bool = True) -> Tensor:
+    """row_weight * -log softmax(hidden @ weight.T)[targets] per row: [M] float32 (float64 for
+    float64 inputs), without the [M, V] logits.
 
-    hidden [M, d], weight [V, d], targets [M] long. Differentiable in hidden and weight.
-    `fused=False` forces tdlm's own chunked kernel (the benchmarks compare the two).
+    hidden [M, d], weight [V, d], targets [M] long, row_weight [M] (no gradient; None: 1).
+    Differentiable in hidden and weight; fastest when the result is summed (or averaged) with
+    one factor for all rows, as the NELBO and the AR loss are. `fused=False` keeps Liger's kernel
+    out even when TDLM_FUSED_CE=1.
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32) + 0.0 * weight.sum()  # keeps the graph
+    if row_weight is not None and row_weight.requires_grad:
+        return row_weight * linear_cross_entropy(hidden, weight, targets, fused=fused)
     if hidden.is_cuda:
+        scale = 1.0 if row_weight is None else row_weight
         if fused and USE_FUSED and torch.is_grad_enabled() and _fused_kernel() is not None:
             dtype = _compute_dtype(hidden)
-            return _fused_kernel()(hidden.to(dtype), weight.to(dtype), targets, reduction="none").float()
+            return scale * _fused_kernel()(hidden.to(dtype), weight.to(dtype), targets, reduction="none").float()
         if hidden.shape[0] * weight.shape[0] <= PLAIN_ELEMENTS_CUDA:
-            return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, _compute_dtype(hidden))
+            return scale * F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
+    eager = (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+             and hidden.device.type in SYNC_FREE_DEVICES)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, row_weight, _compute_dtype(hidden), eager)
 
 
 @torch.no_grad()
 def linear_cross_entropy_and_argmax(hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """Evaluation: the cross-entropy [M] float32 and the argmax [M] of each row's logits, in chunks."""
-    dtype, rows = _compute_dtype(hidden), chunk_rows(weight.shape[0], hidden.device)
+    dtype, rows = _compute_dtype(hidden), chunk_rows(weight.shape[0], hidden.device, EVAL_CHUNK_ELEMENTS)
     w, acc = weight.to(dtype), _accumulate_dtype(dtype)
     ce = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
     argmax = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    buffer = _Workspace.get(min(rows, hidden.shape[0]), weight.shape[0], acc, hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.shape[0], rows):
             part = slice(start, start + rows)
-            logits = F.linear(hidden[part].to(dtype), w).to(acc)
-            argmax[part] = logits.argmax(-1)
+            h = hidden[part].to(dtype)
+            logits = _logits_into(buffer[: h.shape[0]], h, w)
+            top, best = logits.max(dim=-1, keepdim=True)  # the argmax and logsumexp's shift in one pass
+            argmax[part] = best.squeeze(1)
             target_logit = logits.gather(1, targets[part, None]).squeeze(1)
-            ce[part] = _logsumexp_(logits) - target_logit
+            ce[part] = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(1)) - target_logit
     return ce, argmax
 
 
@@ -184,21 +249,30 @@ class Denoised:
         out = torch.zeros(self.masked.shape, dtype=values.dtype, device=values.device)
         return out.masked_scatter(self.masked, values)
 
-    def masked_cross_entropy(self, x0: Tensor) -> Tensor:
-        """-log mu(x0_n | x_t) at the masked positions, in row-major order: [M] float32."""
+    def masked_cross_entropy(self, x0: Tensor, weight: Tensor | None = None) -> Tensor:
+        """weight * -log mu(x0_n | x_t) at the masked positions, in row-major order: [M] float32.
+        `weight` broadcasts to [B, N] (None: 1)."""
+        row_weight = None if weight is None else weight.expand(x0.shape)[self.masked]
         if self._eval is not None and self._eval[0] is x0:
-            return self._eval[1]
+            return self._eval[1] if row_weight is None else row_weight * self._eval[1]
         targets = x0[self.masked]
         if self._logits is not None:
-            return F.cross_entropy(self._logits[self.masked].float(), targets, reduction="none")
-        return linear_cross_entropy(self._hidden[self.masked], self._weight, targets)
+            ce = F.cross_entropy(self._logits[self.masked].float(), targets, reduction="none")
+            return ce if row_weight is None else row_weight * ce
+        return linear_cross_entropy(self._hidden[self.masked], self._weight, targets, row_weight)
 
-    def cross_entropy(self, x0: Tensor) -> Tensor:
-        """-log mu(x0_n | x_t): [B, N] float32, zero where x_t is not masked."""
-        if self._hidden is not None and self._hidden.device.type not in GATHER_MASKED_ON and self._eval is None:
-            ce = linear_cross_entropy(self._hidden.flatten(0, 1), self._weight, x0.flatten())
+    def cross_entropy(self, x0: Tensor, weight: Tensor | None = None) -> Tensor:
+        """weight * -log mu(x0_n | x_t): [B, N] float32, zero where x_t is not masked.
+
+        Pass the per-position factor the corruption multiplies the cross-entropy by (its NELBO
+        weight, broadcastable to [B, N], without gradient) as `weight` rather than multiplying
+        afterwards: the loss's gradient is then made in the same pass over the head.
+        """
+        if self._hidden is not None and self._hidden.device.type not in SYNC_FREE_DEVICES and self._eval is None:
+            row_weight = None if weight is None else weight.expand(x0.shape).flatten()
+            ce = linear_cross_entropy(self._hidden.flatten(0, 1), self._weight, x0.flatten(), row_weight)
             return ce.view(x0.shape) * self.masked
-        return self.scatter(self.masked_cross_entropy(x0))
+        return self.scatter(self.masked_cross_entropy(x0, weight))
 
     def masked_log_probs(self) -> Tensor:
         """log mu(. | x_t) at the masked positions: [M, V] float32 (this one is materialised)."""

@@ -90,7 +90,7 @@ def step_counters(engine) -> list[torch.Tensor]:
 @pytest.mark.parametrize("objective, micro", [("diffusion", None), ("ar", None), ("diffusion", 2)])
 def test_train_step_never_reads_a_device_value_on_the_host(single_thread, monkeypatch, objective, micro):
     # on a CPU the diffusion head gathers the masked rows (free there); on a GPU it must not
-    monkeypatch.setattr(head, "GATHER_MASKED_ON", set())
+    monkeypatch.setattr(head, "SYNC_FREE_DEVICES", set())
     engine = trainer(objective, micro=micro)
     run_steps(engine, 1)  # creates the optimizer state
     counters = step_counters(engine)

@@ -19,6 +19,7 @@ def gen(seed):
 def small_chunks(monkeypatch):
     """Chunks of 7 rows for a 50-token head: several chunks and a ragged last one."""
     monkeypatch.setitem(head.CHUNK_ELEMENTS, "cpu", 7 * 50)
+    monkeypatch.setitem(head.EVAL_CHUNK_ELEMENTS, "cpu", 7 * 50)
 
 
 def plain(hidden, weight, targets):
@@ -81,7 +82,7 @@ def tiny_net(build, objective, vocab_size=50, seq_len=12):
 @pytest.mark.parametrize("gather_on", [{"cpu"}, set()], ids=["gathered", "all-positions"])
 def test_denoised_cross_entropy_is_the_full_logits_one_at_masked_positions(build, small_chunks, monkeypatch,
                                                                           gather_on):
-    monkeypatch.setattr(head, "GATHER_MASKED_ON", gather_on)  # set(): as on a GPU
+    monkeypatch.setattr(head, "SYNC_FREE_DEVICES", gather_on)  # set(): as on a GPU
     net = tiny_net(build, "diffusion").model.net
     x0 = torch.randint(0, 50, (6, 12), generator=gen(0))
     xt = torch.where(torch.rand(6, 12, generator=gen(1)) < 0.5, 50, x0)
@@ -122,3 +123,34 @@ def test_training_loss_and_gradients_equal_the_full_head_loop(build, small_chunk
         scale = p.grad.abs().max().item()
         assert scale > 0, name
         torch.testing.assert_close(engine_grads[name], p.grad, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("upstream", ["sum", "mean", "per-row"])
+def test_one_pass_and_recomputed_gradients_are_exact(small_chunks, weighted, upstream):
+    """A sum or mean of the weighted cross-entropies takes the gradient made in the forward pass;
+    any other upstream gradient recomputes the chunks. Both equal the plain computation's, and a
+    second backward (retain_graph) gives the same again."""
+    hidden = torch.randn(23, 16, generator=gen(0), dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=gen(1), dtype=torch.float64)
+    targets = torch.randint(0, 50, (23,), generator=gen(2))
+    row_weight = torch.rand(23, generator=gen(3), dtype=torch.float64) * 5 if weighted else None
+    factors = torch.randn(23, generator=gen(4), dtype=torch.float64)
+
+    def reduce(y):
+        return {"sum": y.sum(), "mean": y.mean(), "per-row": (y * factors).sum()}[upstream]
+
+    results = []
+    for fn in ("plain", "ours"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if fn == "plain":
+            y = plain(h, w, targets) * (1.0 if row_weight is None else row_weight)
+        else:
+            y = linear_cross_entropy(h, w, targets, row_weight)
+        loss = reduce(y)
+        grads = torch.autograd.grad(loss, (h, w), retain_graph=True)
+        again = torch.autograd.grad(loss, (h, w))
+        torch.testing.assert_close(again, grads, rtol=0, atol=0)
+        results.append((y.detach(), *grads))
+    for ours, reference in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-12)

@@ -38,9 +38,10 @@ class FixedCountMasking(Corruption):
         return torch.where(rank < count[:, None], self.vocab.mask_id, x0)
 
     def nelbo_terms(self, denoised, x0, xt, t):
-        # denoised.cross_entropy(x0): -log mu(x0_n | x_t) at the masked positions, 0 elsewhere
+        # (N / l) * -log mu(x0_n | x_t) at the masked positions, 0 elsewhere; passing the factor
+        # to cross_entropy (not multiplying afterwards) lets tdlm make the gradient in one pass
         count = denoised.masked.sum(-1, keepdim=True).clamp_min(1)
-        return (x0.shape[1] / count) * denoised.cross_entropy(x0)
+        return denoised.cross_entropy(x0, x0.shape[1] / count)
 
     def reverse_unmask_probs(self, probs, xt, t, s):
         # linear schedule alpha = 1 - t: unmask with probability (alpha_s - alpha_t) / (1 - alpha_t)
