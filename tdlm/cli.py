@@ -98,6 +98,11 @@ def run(recipe, overrides, resume, stop_at, check):
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
+@click.option("--text", "texts", multiple=True, metavar="FILE",
+              help="Score this UTF-8 text file instead of a split (repeatable): zero-shot evaluation.")
+@click.option("--data", "source", default=None, metavar="SOURCE",
+              help="Score held-out text of another corpus: a folder with test.txt, wikitext2, or "
+                   "hf:NAME[:CONFIG][:SPLIT] (online).")
 @click.option("--t-samples", type=click.IntRange(min=1), default=None,
               help="Stratified t per sequence for the NELBO (default: the recipe's eval.t_samples).")
 @click.option("--checkpoint", "which", default="best", show_default=True, help="best, last or a step number.")
@@ -105,22 +110,43 @@ def run(recipe, overrides, resume, stop_at, check):
 @click.option("--seed", type=int, default=None, help="Seed of the mask draws (default: the recipe's eval.seed).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(run_dir, split, t_samples, which, batch_size, seed, device, as_json):
-    """Score a trained run on held-out data: valid NELBO (diffusion) or exact NLL (AR)."""
+def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, device, as_json):
+    """Score a trained run on held-out data: valid NELBO (diffusion) or exact NLL (AR).
+
+    With --text or --data, any text is tokenised with the run's own tokenizer, packed at the
+    run's sequence length (the last partial sequence scored too) and scored with the same
+    estimator and seed; the result adds `source`.
+    """
     from tdlm.data import pack
+    from tdlm.data.corpus import text_file_tokens
+    from tdlm.data.shards_prepare import held_out_file
     from tdlm.evaluate import evaluate, format_result
 
+    if source is not None and texts:
+        _fail("give --text FILE or --data SOURCE, not both")
     device = device or _default_device()
     loaded = _load_run(run_dir, which=which, device=device)
-    cfg = loaded.cfg
-    seqs, tail = pack(loaded.corpus.splits[split], cfg.data.seq_len)
-    result = evaluate(loaded.built.model, seqs, tail, num_bytes=loaded.corpus.num_bytes,
-                      t_samples=t_samples or cfg.eval.t_samples, batch_size=batch_size or cfg.eval.batch_size,
-                      seed=cfg.eval.seed if seed is None else seed, device=device, split=split,
-                      progress=not as_json)
-    result["run"] = str(run_dir)
-    result["checkpoint"] = loaded.checkpoint.name
-    click.echo(json.dumps(result, indent=2) if as_json else format_result(result))
+    cfg, corpus = loaded.cfg, loaded.corpus
+    if source is not None:
+        texts = (str(held_out_file(source)),)
+    streams = [(f"text:{Path(f).name}", f, text_file_tokens(f, corpus.vocab)) for f in texts] or \
+              [(split, None, corpus.splits[split])]
+    results = []
+    for name, origin, tokens in streams:
+        seqs, tail = pack(tokens, cfg.data.seq_len)
+        result = evaluate(loaded.built.model, seqs, tail, num_bytes=corpus.num_bytes,
+                          t_samples=t_samples or cfg.eval.t_samples, batch_size=batch_size or cfg.eval.batch_size,
+                          seed=cfg.eval.seed if seed is None else seed, device=device, split=name,
+                          progress=not as_json)
+        result["run"] = str(run_dir)
+        result["checkpoint"] = loaded.checkpoint.name
+        if origin is not None:
+            result["source"] = source or str(origin)
+        results.append(result)
+    if as_json:
+        click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    else:
+        click.echo("\n".join(format_result(result) for result in results))
 
 
 def _sampler_options(options: tuple[str, ...]) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tdlm.data.config import DataConfig
+from tdlm.errors import TdlmError
 from tdlm.data.locate import cache_root, find_split_files, write_atomically
 from tdlm.data.tokenizer import Vocab, load_vocab, split_lines, utf8_text
 
@@ -56,14 +57,18 @@ def load_corpus(cfg: DataConfig, *, cache_dir: str | Path | None = None, progres
         return load_shard_corpus(cfg)
     files = find_split_files(cfg, cache_dir)
     vocab = load_vocab(cfg, cache_dir=cache_dir)
-    tokenizer_hash = hashlib.sha256(vocab.tokenizer.to_str().encode("utf-8")).hexdigest()
     splits = {
-        split: cached_tokens(path, vocab, tokenizer_hash, cache_dir=cache_dir, progress=progress)
+        split: cached_tokens(path, vocab, tokenizer_hash(vocab), cache_dir=cache_dir, progress=progress)
         for split, path in files.items()
     }
     if cfg.max_train_tokens is not None:
         splits["train"] = splits["train"][: cfg.max_train_tokens]
     return Corpus(vocab, splits)
+
+
+def tokenizer_hash(vocab: Vocab) -> str:
+    """The tokenizer's identity in the token cache's keys."""
+    return hashlib.sha256(vocab.tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
 def cached_tokens(
@@ -94,3 +99,27 @@ def tokenize_lines(vocab: Vocab, lines: list[str], *, desc: str = "tokenising", 
             pieces += [np.asarray(e.ids, dtype=np.int32) for e in vocab.tokenizer.encode_batch(chunk)]
             bar.update(len(chunk))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+
+
+class TextFileError(TdlmError):
+    """A text file handed to tdlm that it cannot score: missing, empty, binary or not UTF-8."""
+
+
+def text_file_tokens(path: str | Path, vocab: Vocab, *, cache_dir: str | Path | None = None,
+                     progress: bool = False) -> np.ndarray:
+    """The tokens of any UTF-8 text file, exactly as a split with the same content is tokenised
+    (the same lines, the same cache), for scoring text a model was not trained on."""
+    path = Path(path)
+    if not path.is_file():
+        raise TextFileError(f"{path}: no such file (give a UTF-8 text file to score)")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise TextFileError(f"{path} is empty: there is nothing to score")
+    if b"\x00" in raw:
+        raise TextFileError(f"{path} looks binary (it holds NUL bytes): give a UTF-8 text file")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TextFileError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                            "convert it first, e.g. iconv -f latin1 -t utf-8") from exc
+    return cached_tokens(path, vocab, tokenizer_hash(vocab), cache_dir=cache_dir, progress=progress)

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from tdlm.data.config import DataConfig
+from tdlm.errors import TdlmError
 
 SPLITS = ("train", "valid", "test")
 WIKITEXT2_FILES = {split: f"wikitext-2/wiki.{split}.tokens" for split in SPLITS}
@@ -27,7 +28,7 @@ GPT2_FILES = {"vocab": "gpt2/vocab.json", "merges": "gpt2/merges.txt"}
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(FileNotFoundError, TdlmError):
     """The data (or tokenizer) files are not on disk and could not be fetched; the message lists
     every path looked at and how to fix it."""
 

@@ -192,6 +192,26 @@ def write_split(out: Path, split: str, tokens: np.ndarray, seq_len: int, shard_s
     }
 
 
+def held_out_file(source: str, *, data_dir=None, cache_dir=None) -> Path:
+    """The text file `tdlm eval --data SOURCE` scores: a folder's test.txt, WikiText-2's test
+    split, or a split of a Hugging Face dataset (`hf:NAME[:CONFIG][:SPLIT]`, default test)."""
+    if source.startswith(HF_PREFIX):
+        name, config, split = (source[len(HF_PREFIX):].split(":") + ["", ""])[:3]
+        split = {"validation": "valid"}.get(split, split) or "test"
+        if split not in HF_SPLITS:
+            raise DataNotFoundError(f"{source}: the split must be one of {', '.join(HF_SPLITS)} (got {split!r})")
+        return hf_text_files(f"{name}:{config}" if config else name, cache_dir=cache_dir)[split]
+    if source == "wikitext2":
+        return split_files(source, data_dir=data_dir, cache_dir=cache_dir)[0]["test"]
+    folder = Path(source).expanduser()
+    if not (folder / TEXT_FILES["test"]).is_file():
+        raise DataNotFoundError(
+            f"--data {source}: expected a folder holding {TEXT_FILES['test']}, 'wikitext2' or "
+            "'hf:NAME[:CONFIG][:SPLIT]' (to score one file, use --text FILE)"
+        )
+    return folder / TEXT_FILES["test"]
+
+
 def hf_text_files(spec: str, *, cache_dir=None) -> dict[str, Path]:
     """Load a Hugging Face dataset ("NAME" or "NAME:CONFIG") and write its splits as text files."""
     name, _, config = spec.partition(":")
