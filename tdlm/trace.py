@@ -36,21 +36,31 @@ def _pieces(frame, previous, mask_id, decode):
             yield decode([int(token)]).replace("\n", " "), "new" if before == mask_id else "old"
 
 
-def _draw_text(ax, pieces, title):
-    """Monospaced flow layout: each token placed after the previous one, wrapped at LINE chars."""
-    colours = {"masked": "#b0b0b0", "new": "#d62728", "old": "#202020"}
-    ax.set_axis_off()
-    ax.set_title(title, loc="left", fontsize=9)
-    column, row = 0, 0
+LINE_INCHES = 0.19  # height of one line of 8 pt text, with some leading
+
+
+def _layout(pieces) -> tuple[list[tuple[int, int, str, str]], int]:
+    """Monospaced flow layout: (column, row, text, kind) per piece, wrapped at LINE characters,
+    and the number of rows."""
+    placed, column, row = [], 0, 0
     for text, kind in pieces:
         for chunk in textwrap.wrap(text, LINE, drop_whitespace=False) or [text]:
             if column + len(chunk) > LINE:
                 column, row = 0, row + 1
-            ax.text(column / LINE, 1 - row * 0.2, chunk, family="monospace", fontsize=8,
-                    color=colours[kind], weight="bold" if kind == "new" else "normal",
-                    transform=ax.transAxes, va="top")
+            placed.append((column, row, chunk, kind))
             column += len(chunk)
-    return row + 1
+    return placed, row + 1
+
+
+def _draw_text(ax, layout, title, height_inches):
+    colours = {"masked": "#b0b0b0", "new": "#d62728", "old": "#202020"}
+    placed, _ = layout
+    ax.set_axis_off()
+    ax.set_title(title, loc="left", fontsize=9)
+    step = LINE_INCHES / height_inches
+    for column, row, chunk, kind in placed:
+        ax.text(column / LINE, 1 - row * step, chunk, family="monospace", fontsize=8, color=colours[kind],
+                weight="bold" if kind == "new" else "normal", transform=ax.transAxes, va="top")
 
 
 def draw_trace(frames: list[np.ndarray], mask_id: int, decode, path: str | Path, *, title: str = "",
@@ -67,8 +77,11 @@ def draw_trace(frames: list[np.ndarray], mask_id: int, decode, path: str | Path,
         return _draw_gif(frames, mask_id, decode, path, title)
     steps = commit_steps(frames, mask_id)
     picks = sorted({round(i) for i in np.linspace(1, len(frames) - 1, min(snapshots, len(frames) - 1))})
-    fig = plt.figure(figsize=(11, 1.3 + 1.25 * len(picks)))
-    grid = fig.add_gridspec(len(picks) + 1, 1, height_ratios=[0.6] + [1.0] * len(picks))
+    previous = [0] + picks[:-1]
+    layouts = [_layout(_pieces(frames[p], frames[q], mask_id, decode)) for p, q in zip(picks, previous)]
+    heights = [0.3 + LINE_INCHES * rows for _, rows in layouts]  # inches: the title and the lines
+    fig = plt.figure(figsize=(11, 1.2 + sum(heights) + 0.35 * len(picks)))
+    grid = fig.add_gridspec(len(picks) + 1, 1, height_ratios=[0.8] + heights)
     strip = fig.add_subplot(grid[0])
     shown = np.ma.masked_where(steps == 0, steps)[None, :]
     image = strip.imshow(shown, aspect="auto", cmap="viridis", interpolation="nearest")
@@ -76,13 +89,11 @@ def draw_trace(frames: list[np.ndarray], mask_id: int, decode, path: str | Path,
     strip.set_xlabel("position", fontsize=8)
     strip.set_title(f"{title} step at which each position was committed (blank: given)", loc="left", fontsize=9)
     fig.colorbar(image, ax=strip, pad=0.01, fraction=0.03)
-    previous_pick = 0
-    for panel, pick in enumerate(picks, start=1):
+    for panel, (pick, before, layout, height) in enumerate(zip(picks, previous, layouts, heights), start=1):
         ax = fig.add_subplot(grid[panel])
         masked = int((frames[pick] == mask_id).sum())
-        _draw_text(ax, _pieces(frames[pick], frames[previous_pick], mask_id, decode),
-                   f"after step {pick} of {len(frames) - 1}: {masked} masked; red: new since step {previous_pick}")
-        previous_pick = pick
+        _draw_text(ax, layout, f"after step {pick} of {len(frames) - 1} (steps that committed tokens): "
+                               f"{masked} masked; red: new since step {before}", height)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -100,8 +111,8 @@ def _draw_gif(frames, mask_id, decode, path, title, max_frames: int = 64) -> Pat
         ax.clear()
         i = picks[k]
         previous = frames[picks[k - 1]] if k else frames[0]
-        _draw_text(ax, _pieces(frames[i], previous, mask_id, decode),
-                   f"{title} step {i} of {len(frames) - 1}: {int((frames[i] == mask_id).sum())} masked")
+        _draw_text(ax, _layout(_pieces(frames[i], previous, mask_id, decode)),
+                   f"{title} step {i} of {len(frames) - 1}: {int((frames[i] == mask_id).sum())} masked", 2.0)
 
     animation = FuncAnimation(fig, show, frames=len(picks))
     animation.save(path, writer=PillowWriter(fps=4))
