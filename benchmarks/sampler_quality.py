@@ -51,7 +51,7 @@ def semi_ar_settings(steps: list[int], length: int) -> list[dict]:
 SWEEPS = {  # sampler name -> (steps, generated length, draft) -> option dicts
     "ancestral": lambda steps, length, draft: [{"steps": s} for s in steps],
     "confidence": lambda steps, length, draft: [{"steps": s} for s in steps],
-    "threshold": lambda steps, length, draft: [{"tau": tau} for tau in THRESHOLD_TAUS],
+    "threshold": lambda steps, length, draft: [{"tau": tau} for tau in THRESHOLD_TAUS],  # --taus overrides
     "semi-ar": lambda steps, length, draft: semi_ar_settings(steps, length),
     "speculative": lambda steps, length, draft: [{"steps": s, "draft": draft, "draft_steps": DRAFT_STEPS}
                                                  for s in steps],
@@ -186,6 +186,7 @@ def plot(rows: list[dict], data: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    global THRESHOLD_TAUS  # --taus replaces the default thresholds
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", help="the run to sample from")
@@ -194,6 +195,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", help="comma-separated step counts (default: length, length/2, ... 4)")
     parser.add_argument("--draft", help="a small diffusion run drafting for the speculative samplers")
     parser.add_argument("--num", type=int, default=16, help="samples per setting")
+    parser.add_argument("--taus", help=f"comma-separated thresholds for `threshold` (default: {THRESHOLD_TAUS})")
     parser.add_argument("--length", type=int, default=None, help="tokens per sample (default: seq_len)")
     parser.add_argument("--prompt", default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -204,6 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--figures", action="store_true",
                         help="also save each setting's gen-eval PNG (the frequency collapse is the same in all)")
     args = parser.parse_args(argv)
+    if args.taus:
+        THRESHOLD_TAUS = tuple(float(tau) for tau in args.taus.split(","))
 
     try:
         evaluator = GenEval(args.target, reference=args.reference, which=args.checkpoint, device=args.device)

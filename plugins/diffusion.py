@@ -1,11 +1,14 @@
 """The continuous-time masked-diffusion NELBO (docs/maths.md section 1) as training loss and score."""
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig, Objective, SequenceScores, stratified_times
 from tdlm.head import Denoised
+from tdlm_plugins.schedules import CosineSchedule
 
 T_BUCKETS = 10  # per-bucket figures by mask rate, t in tenths
 
@@ -19,6 +22,12 @@ class DiffusionObjective(Objective):
         """Training draws t from [t_eps, 1]: w(t) blows up at 0. Evaluation never clips."""
         stratified: bool = True
         """Low-discrepancy t across the batch (lower variance, same expectation)."""
+        eval_schedule: Literal["cosine", "recipe"] = "cosine"
+        """The schedule the evaluation draws t under. For a corruption whose NELBO is the same under
+        every schedule (uniform masking with a denoiser that does not see t, as tdlm's does),
+        cosine's estimator has finite variance, so its `mc_stderr` is honest; the linear
+        schedule's weight 1/t meets rare masked tokens near t = 0 and its variance is infinite.
+        `recipe` scores with the recipe's own schedule."""
 
     def loss(self, net, x0, generator):
         batch = x0.shape[0]
@@ -42,9 +51,16 @@ class DiffusionObjective(Objective):
         """x_t -> Denoised: the head is applied only at x_t's masked positions, when asked."""
         return lambda xt: Denoised(net, xt, self.vocab.mask_id)
 
+    def evaluation_corruption(self):
+        """The corruption whose estimator `score` uses (see Config.eval_schedule)."""
+        if self.config.eval_schedule == "cosine" and self.corruption.schedule_invariant:
+            return self.corruption.with_schedule(CosineSchedule(CosineSchedule.Config()))
+        return self.corruption
+
     @torch.no_grad()
     def score(self, net, x0, *, generator, t_samples):
         """NELBO per sequence from `t_samples` stratified t each (one forward pass per t)."""
+        corruption = self.evaluation_corruption()
         batch, length = x0.shape
         u = torch.rand(batch, generator=generator, device=x0.device, dtype=torch.float64)
         draws = torch.empty(t_samples, batch, dtype=torch.float64, device=x0.device)
@@ -54,20 +70,34 @@ class DiffusionObjective(Objective):
         for k in range(t_samples):
             # float64 t, clamped only off exact zero: no clipping, so the estimate stays a bound
             t = ((u + k / t_samples) % 1.0).clamp_min(1e-12)
-            xt = self.corruption.corrupt(x0, t, generator)
+            xt = corruption.corrupt(x0, t, generator)
             denoised = Denoised(net, xt, self.vocab.mask_id)
             # one pass over the head at the masked positions gives the per-bucket figures and
             # the cross-entropy that nelbo_terms reads back
             ce, hit = denoised.masked_scores(x0)
-            draws[k] = self.corruption.nelbo_terms(denoised, x0, xt, t).double().sum(-1)
+            draws[k] = corruption.nelbo_terms(denoised, x0, xt, t).double().sum(-1)
             rows = denoised.masked.nonzero(as_tuple=True)[0]
-            bucket = (t * T_BUCKETS).long().clamp_(max=T_BUCKETS - 1)[rows]
+            # buckets by mask rate 1 - alpha_t (t itself under the linear schedule)
+            rate = 1.0 - corruption.schedule.alpha(t)
+            bucket = (rate * T_BUCKETS).long().clamp_(min=0, max=T_BUCKETS - 1)[rows]
             ce_sum.index_add_(0, bucket, ce.double())
             correct.index_add_(0, bucket, hit.double())
             count.index_add_(0, bucket, torch.ones_like(ce, dtype=torch.float64))
         nll_var = draws.var(0) / t_samples if t_samples > 1 else None
         extras = {"bucket_ce": ce_sum, "bucket_correct": correct, "bucket_masked": count}
-        return SequenceScores(nll=draws.mean(0), is_bound=True, nll_var=nll_var, extras=extras)
+        return SequenceScores(nll=draws.mean(0), is_bound=True, nll_var=nll_var, extras=extras,
+                              estimator=estimator_name(corruption))
+
+
+def estimator_name(corruption) -> str:
+    """Which schedule's t the NELBO estimate draws, and whether its Monte Carlo error has a
+    heavy tail: with w(t)^2 (1 - alpha_t) ~ 1/t near 0 (linear), one rare masked token can carry
+    the estimate and the variance is infinite, so mc_stderr understates the real spread."""
+    schedule = corruption.schedule
+    name = type(schedule).__name__.removesuffix("Schedule").lower()
+    t = torch.tensor([1e-6], dtype=torch.float64)
+    tail = (schedule.weight(t) ** 2 * (1.0 - schedule.alpha(t)) * t).item()
+    return f"{name} (heavy-tailed: mc_stderr understates the spread)" if tail > 0.1 else name
 
 
 @hookimpl

@@ -7,6 +7,7 @@ from tdlm.components import Corruption
 
 
 class UniformMasking(Corruption):
+    schedule_invariant = True  # the NELBO of a time-agnostic denoiser is one integral over the mask rate
     def corrupt(self, x0, t, generator):
         mask_prob = 1.0 - self.schedule.alpha(t)
         noise = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=mask_prob.dtype)

@@ -108,9 +108,12 @@ def run(recipe, overrides, resume, stop_at, check):
 @click.option("--checkpoint", "which", default="best", show_default=True, help="best, last or a step number.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--seed", type=int, default=None, help="Seed of the mask draws (default: the recipe's eval.seed).")
+@click.option("--t-schedule", type=click.Choice(["cosine", "recipe"]), default=None,
+              help="Draw the NELBO's t under cosine (finite variance) or the recipe's schedule "
+                   "(default: the run's objective.eval_schedule).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, device, as_json):
+def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, t_schedule, device, as_json):
     """Score a trained run on held-out data: valid NELBO (diffusion) or exact NLL (AR).
 
     With --text or --data, any text is tokenised with the run's own tokenizer, packed at the
@@ -127,6 +130,9 @@ def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, dev
     device = device or _default_device()
     loaded = _load_run(run_dir, which=which, device=device)
     cfg, corpus = loaded.cfg, loaded.corpus
+    objective = loaded.built.model.objective
+    if t_schedule is not None and "eval_schedule" in type(objective).Config.model_fields:
+        objective.config = objective.config.model_copy(update={"eval_schedule": t_schedule})
     if source is not None:
         texts = (str(held_out_file(source)),)
     streams = [(f"text:{Path(f).name}", f, text_file_tokens(f, corpus.vocab)) for f in texts] or \

@@ -74,10 +74,18 @@ class Corruption(nn.Module):
     """
 
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+    schedule_invariant: ClassVar[bool] = False
+    """True when, for a denoiser that does not take t as input, this corruption's NELBO is the
+    same under every schedule (uniform masking): the evaluation may then draw t under a
+    schedule whose estimator has finite variance (docs/maths.md section 1.6)."""
 
     def __init__(self, config: ComponentConfig, *, schedule: Schedule, vocab: VocabInfo):
         super().__init__()
         self.config, self.schedule, self.vocab = config, schedule, vocab
+
+    def with_schedule(self, schedule: Schedule) -> "Corruption":
+        """The same corruption under another schedule (for a schedule_invariant evaluation)."""
+        return type(self)(self.config, schedule=schedule, vocab=self.vocab)
 
     def corrupt(self, x0: Tensor, t: Tensor, generator: torch.Generator | None) -> Tensor:
         """x0 [B, N] long, t [B] -> x_t [B, N] with `vocab.mask_id` at masked positions."""
@@ -125,6 +133,7 @@ class SequenceScores:
     nll: Tensor  # [B] float64: per-sequence NLL in nats (exact) or NELBO estimate (a bound)
     is_bound: bool
     nll_var: Tensor | None = None  # [B] variance of the mean over t samples (Monte Carlo), if any
+    estimator: str | None = None  # how a bound was estimated (e.g. the schedule t was drawn under)
     extras: dict[str, Tensor] = field(default_factory=dict)  # summed counters, e.g. per-t-bucket loss
 
 

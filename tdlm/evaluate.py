@@ -85,7 +85,7 @@ def evaluate(
     totals = torch.zeros(n, dtype=torch.float64)
     counts = torch.zeros(n, dtype=torch.float64)
     variances = torch.zeros(n, dtype=torch.float64)
-    extras, has_variance, is_bound = {}, False, None
+    extras, has_variance, is_bound, estimator = {}, False, None, None
     scored_bytes = torch.zeros((), dtype=torch.float64)
     rounds = math.ceil(len(batches) / world_size)
     for round_ in tqdm(range(rounds), disable=not progress, desc=f"eval {split}", leave=False):
@@ -96,7 +96,7 @@ def evaluate(
         keep = 0.0 if padding else 1.0
         for key, value in sorted(scores.extras.items()):
             extras[key] = extras.get(key, 0) + keep * value.double().cpu()
-        is_bound = scores.is_bound
+        is_bound, estimator = scores.is_bound, scores.estimator
         if padding:
             continue
         rows = slice(start, start + len(x0))
@@ -131,6 +131,8 @@ def evaluate(
     }
     if has_variance:
         result["t_samples"] = t_samples
+        if estimator is not None:
+            result["estimator"] = estimator
         result["mc_stderr"] = math.sqrt(variances.sum().item()) / tokens
     if "bucket_masked" in extras:
         masked = extras["bucket_masked"]
@@ -159,7 +161,8 @@ def format_result(result: dict) -> str:
         f" | {result['bits_per_byte']:.4f} bits/byte | {result['tokens']:,} tokens"
     ]
     if "mc_stderr" in result:
-        lines.append(f"  {result['t_samples']} t-samples/sequence, Monte Carlo stderr {result['mc_stderr']:.4f}")
+        drawn = f" ({result['estimator']} t)" if "estimator" in result else ""
+        lines.append(f"  {result['t_samples']} t-samples/sequence{drawn}, Monte Carlo stderr {result['mc_stderr']:.4f}")
     if "t_buckets" in result:  # only objectives that return the bucket_* extras
         lines[-1] += f"; masked-token accuracy {result['masked_accuracy']:.3f}"
         cells = [

@@ -157,7 +157,7 @@ def test_plugins_command_json():
         row = rows[key]
         assert set(row) == {"kind", "name", "plugin", "package", "version", "options"}
         assert (row["plugin"], row["package"]) == (plugin, "tdlm")
-    assert rows[("objective", "diffusion")]["options"] == ["stratified", "t_eps"]
+    assert rows[("objective", "diffusion")]["options"] == ["eval_schedule", "stratified", "t_eps"]
 
 
 # -- the fixed-count example corruption --------------------------------------------------------

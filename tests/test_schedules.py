@@ -176,7 +176,7 @@ def weighted_nelbo(registry, schedule, net, vocab, seqs, weights, *, repeats, t_
     corruption_cls = registry.get("corruption", "uniform").cls
     objective_cls = registry.get("objective", "diffusion").cls
     corruption = corruption_cls(corruption_cls.Config(), schedule=schedule, vocab=vocab)
-    objective = objective_cls(objective_cls.Config(), corruption=corruption, vocab=vocab)
+    objective = objective_cls(objective_cls.Config(eval_schedule="recipe"), corruption=corruption, vocab=vocab)
     scores = objective.score(net, seqs.repeat_interleave(repeats, 0), generator=gen(seed), t_samples=t_samples)
     nll = scores.nll.view(len(seqs), repeats).mean(1)
     var = scores.nll_var.view(len(seqs), repeats).sum(1) / repeats**2

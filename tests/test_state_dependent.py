@@ -40,7 +40,9 @@ def state_dependent(vocab, schedule=None, **options):
 
 
 def objective_of(corruption, vocab):
-    return DiffusionObjective(DiffusionObjective.Config(), corruption=corruption, vocab=vocab)
+    # scores under the corruption's own schedule, so uniform and state-dependent share their draws
+    config = DiffusionObjective.Config(eval_schedule="recipe")
+    return DiffusionObjective(config, corruption=corruption, vocab=vocab)
 
 
 def set_weights(corruption, w):
