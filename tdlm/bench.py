@@ -217,7 +217,7 @@ def measure(*, vocab: int = 4096, d_model: int = 64, n_layers: int = 2, n_heads:
 def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup, objective, device, repeats,
              seed, chunk, model, log) -> dict:
     from tdlm.components import VocabInfo
-    from tdlm.distributed import unwrap
+    from tdlm.distributed import device_name, unwrap
 
     cfg, components = bench_config(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, batch=batch,
                                    seq_len=seq_len, objective=objective, seed=seed, model=model,
@@ -264,7 +264,7 @@ def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup
                    "objective": objective, "repeats": repeats, "chunk": chunk, "seed": seed,
                    "model": cfg.model.model_dump()},
         "fused_head": head_kernel(device),
-        "device": _device_name(device),
+        "device": device_name(device),
         "mixed_precision": trainer.accelerator.mixed_precision,
         "parameters": engine_net.num_parameters(),
         "engine_tokens_per_s": engine,
@@ -295,12 +295,6 @@ def format_result(result: dict) -> str:
     lines.append(f"\nratio engine / baseline: {result['ratio']:.3f}   (median of {result['turns']} paired turns; "
                  f"ratio of the medians {result['ratio_of_medians']:.3f}; per round: {per_round})")
     return "\n".join(lines)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu, {torch.get_num_threads()} threads"
 
 
 def head_kernel(device: torch.device) -> str:

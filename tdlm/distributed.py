@@ -115,3 +115,13 @@ def from_main(accelerator, value):
     box = [value]
     broadcast_object_list(box, from_process=0)
     return box[0]
+
+
+def device_name(device) -> str:
+    """What a run or a benchmark reports it ran on: the GPU's name, or the CPU and torch's threads."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -66,7 +66,7 @@ def peak_flops(device, dtype) -> float | None:
 
     `device` is a torch.device, "cuda[:i]"/"cpu", or a GPU's name as torch reports it.
     """
-    name = _device_name(device)
+    name = _gpu_name(device)
     precision = str(dtype).removeprefix("torch.").lower()
     if name is None or precision not in HALF_PRECISION | FULL_PRECISION:
         return None
@@ -84,12 +84,15 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> floa
     return tokens_per_s * flops_per_token / peak
 
 
-def _device_name(device) -> str | None:
+def _gpu_name(device) -> str | None:
+    """The GPU model a peak figure is looked up by (None on a CPU)."""
     text = str(device)
     if text == "cpu" or text.startswith(("cpu:", "mps")):
         return None
     if text == "cuda" or text.startswith("cuda:"):
         import torch
 
-        return torch.cuda.get_device_name(device) if torch.cuda.is_available() else None
+        from tdlm.distributed import device_name
+
+        return device_name(device) if torch.cuda.is_available() else None
     return text  # already a device name, e.g. "NVIDIA H100 80GB HBM3"

@@ -33,12 +33,12 @@ class Built:
     vocab: VocabInfo
 
 
-def build_model(cfg: RunConfig, components: dict, vocab: VocabInfo, *, sampler_section=None) -> Built:
+def build_model(cfg: RunConfig, components: dict, vocab: VocabInfo) -> Built:
     """Instantiate schedule -> corruption -> objective -> network -> sampler, in that order."""
     (schedule_c, schedule_opts) = components["schedule"]
     (corruption_c, corruption_opts) = components["corruption"]
     (objective_c, objective_opts) = components["objective"]
-    (sampler_c, sampler_opts) = sampler_section or components["sampler"]
+    (sampler_c, sampler_opts) = components["sampler"]
     schedule = schedule_c.cls(schedule_opts)
     corruption = corruption_c.cls(corruption_opts, schedule=schedule, vocab=vocab)
     objective = objective_c.cls(objective_opts, corruption=corruption, vocab=vocab)

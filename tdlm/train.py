@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from tdlm import checkpoint as ckpt
 from tdlm.config import RecipeError, RunConfig, resolved_dict, to_toml
 from tdlm.data import load_corpus, pack, train_stream
-from tdlm.distributed import StopAgreement, configure_deepspeed, from_main, make_accelerator, unwrap
+from tdlm.distributed import (StopAgreement, configure_deepspeed, device_name, from_main, make_accelerator,
+                              unwrap)
 from tdlm.errors import RunError
 from tdlm.evaluate import evaluate
 from tdlm.flops import flops_per_token, mfu, peak_flops
@@ -312,7 +313,7 @@ class Trainer:
                    "train_tokens": self.stream.num_sequences * self.cfg.data.seq_len,  # unique, as packed
                    "epochs": self.stream.epoch_of(self.step),
                    **self.sizes, "engine": self.engine_name(),
-                   "device": _device_name(acc.device), "processes": acc.num_processes,
+                   "device": device_name(acc.device), "processes": acc.num_processes,
                    **self._throughput(), "sessions": self.sessions,
                    "wall_time_s": self._wall_seconds()}
         if status == "finished":
@@ -426,7 +427,7 @@ class Trainer:
                 f"{self.sizes['parameters']:,} parameters ({self.sizes['non_embedding_parameters']:,} non-embedding) | "
                 f"vocab {self.vocab.size:,} | {self.stream.num_sequences:,} train sequences of {self.cfg.data.seq_len} | "
                 f"{self.total_steps:,} steps ({self.total_steps / self.stream.batches_per_epoch:.2f} epochs) | "
-                f"{self.accelerator.num_processes} process(es) ({self.engine_name()}) on {_device_name(self.accelerator.device)}"
+                f"{self.accelerator.num_processes} process(es) ({self.engine_name()}) on {device_name(self.accelerator.device)}"
                 + (f" | resuming at step {self.step} (session {self.sessions})" if self.sessions > 1 else "")
             )
 
@@ -457,14 +458,6 @@ class Trainer:
 def _scalars(result: dict) -> dict:
     keys = ("nll_per_token", "ppl", "bits_per_byte", "stderr", "masked_accuracy", "next_token_accuracy")
     return {k: result[k] for k in keys if k in result}
-
-
-def _device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def train(cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None) -> dict:
