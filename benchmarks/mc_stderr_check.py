@@ -23,10 +23,11 @@ def main():
     parser.add_argument("run")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--split", default="test")
+    parser.add_argument("--schedules", default="recipe,cosine", help="comma-separated: recipe, cosine")
     args = parser.parse_args()
     print(f"{args.run}, {args.split} split, seeds 0..{args.seeds - 1}")
     print(f"{'t drawn under':<34}{'mean NELBO':>11}{'sd over seeds':>15}{'mean mc_stderr':>16}{'ratio':>8}")
-    for schedule in ("recipe", "cosine"):
+    for schedule in args.schedules.split(","):
         results = []
         for seed in range(args.seeds):
             out = subprocess.run([sys.executable, "-m", "tdlm", "eval", args.run, "--split", args.split,

@@ -83,10 +83,29 @@ class DiffusionObjective(Objective):
             ce_sum.index_add_(0, bucket, ce.double())
             correct.index_add_(0, bucket, hit.double())
             count.index_add_(0, bucket, torch.ones_like(ce, dtype=torch.float64))
-        nll_var = draws.var(0) / t_samples if t_samples > 1 else None
+        nll_var = stratified_variance(draws)
         extras = {"bucket_ce": ce_sum, "bucket_correct": correct, "bucket_masked": count}
         return SequenceScores(nll=draws.mean(0), is_bound=True, nll_var=nll_var, extras=extras,
                               estimator=estimator_name(corruption))
+
+
+def stratified_variance(draws: torch.Tensor) -> torch.Tensor | None:
+    """Monte Carlo variance of the mean of K stratified draws [K, B] (one per stratum, in stratum
+    order), per sequence: the collapsed-strata estimate (1/K^2) sum_j (x_2j - x_2j+1)^2.
+
+    The draws' plain sample variance would count the spread between strata, which stratification
+    removes, and overstate the error several times (3.7x for cosine's t on the quick model); the
+    differences of neighbouring strata keep only the spread within them. Odd K: the last stratum
+    is paired with its neighbour too.
+    """
+    k = draws.shape[0]
+    if k < 2:
+        return None
+    first, second = draws[0 : k - 1 : 2], draws[1:k:2]
+    pairs = (first - second) ** 2  # [K // 2, B]: each estimates the two strata's variances together
+    if k % 2:
+        pairs = torch.cat([pairs, (draws[-1:] - draws[-2:-1]) ** 2])
+    return pairs.sum(0) * (k / (2 * len(pairs))) / k**2
 
 
 def estimator_name(corruption) -> str:

@@ -262,6 +262,22 @@ def test_evaluation_draws_t_under_cosine_for_uniform_masking(registry, trained):
     assert abs(a - b) < 4 * math.hypot(se_a, se_b), (a, b)
 
 
+def test_stratified_variance_counts_the_spread_within_strata_not_between():
+    """Pairs of neighbouring strata: a smooth trend across strata adds almost nothing, noise within
+    them is counted in full (Var of the mean = sum of the strata's variances / K^2)."""
+    from tdlm_plugins.diffusion import stratified_variance
+
+    k, b = 8, 20000
+    trend = torch.linspace(0.0, 7.0, k, dtype=torch.float64)[:, None].expand(k, b)
+    noise = torch.randn(k, b, generator=gen(0), dtype=torch.float64)
+    assert stratified_variance(trend).max() < 0.1 * trend.var(0).max() / k  # 12x below the sample variance
+    estimate = stratified_variance(noise).mean().item()
+    assert estimate == pytest.approx(k / k**2, rel=0.03)
+    odd = stratified_variance(noise[:7]).mean().item()
+    assert odd == pytest.approx(7 / 7**2, rel=0.03)
+    assert stratified_variance(noise[:1]) is None
+
+
 def test_score_is_reproducible_with_a_fixed_seed(build):
     built = build(vocab_size=TOY_V, seq_len=TOY_N)
     x0 = torch.randint(0, TOY_V, (4, TOY_N), generator=gen(0))
