@@ -3,19 +3,29 @@
 Layout of a run directory:
     .lock                       held (flock) by the process training in it; holds its PID
     config.json / config.toml   the resolved recipe (every default filled in)
+    data.json                   content hashes of the data and the tokenizer (tdlm.data.record)
     checkpoints/step-000300/    model.safetensors + state.pt
-    checkpoints/last.json       {"step": 300, "dir": "step-000300"}: the pointer is replaced
-    checkpoints/best.json       atomically (os.replace) only after the directory is complete,
-                                so a kill mid-save never leaves a broken "last" or "best".
+    checkpoints/last.json       {"step": 300, "dir": "step-000300", "previous": "step-000200"}:
+    checkpoints/best.json       pointers replaced atomically (os.replace) only after the directory
+                                is complete, so a kill mid-save never leaves a broken "last" or "best".
+
+Kept: the directories `last`, `best` and `last`'s previous checkpoint name. Keeping the previous
+one costs a checkpoint's disk space and buys two things: a reader (`tdlm eval` while the run
+trains) that read the pointer just before a save still finds its directory, and `--resume`
+falls back to it when `last` cannot be read. A reader that still loses the race (two saves
+while it reads) reads the pointer again (read_checkpoint).
 
 Only finite weights are ever written (the trainer checks them first), so "last" is always a
-good checkpoint. state.pt also carries what makes a resume exact and its figures whole: the
-log window a stop between log steps left open, and the training seconds, steps, wall seconds
-and sessions of the run so far.
+good checkpoint. A write that runs out of disk space removes its staging directory, keeps
+`last` and says so in one line (CheckpointError). state.pt also carries what makes a resume
+exact and its figures whole: the log window a stop between log steps left open, and the
+training seconds, steps, wall seconds and sessions of the run so far.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -23,13 +33,22 @@ from pathlib import Path
 
 import torch
 
+from tdlm.errors import CheckpointError, CheckpointNotFound
+
 POINTERS = ("last", "best")
+NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+READ_ATTEMPTS = 5  # pointer re-reads when a concurrent save pruned the directory being read
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def staging_dir(run_dir: Path, step: int) -> Path:
@@ -50,24 +69,52 @@ def final_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
 
 
+def _write_weights(weights: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, path)
+
+
+def _write_state(state: dict, path: Path) -> None:
+    torch.save(state, path)
+
+
 def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, *, pointers=("last",),
                     staged: bool = False) -> Path:
     """Write `weights` (a full state dict) and `state`, then point `pointers` at them.
 
     `staged`: staging_dir(run_dir, step) was already created (and filled with engine state).
+    Out of disk space (or quota): the staging directory is removed, the pointers are left as
+    they were, and CheckpointError says so.
     """
-    from safetensors.torch import save_file
-
     root = Path(run_dir) / "checkpoints"
     final, tmp = final_dir(run_dir, step), staging_dir(run_dir, step)
-    if not final.exists():
-        if not staged:
-            open_staging(run_dir, step)
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
-        torch.save(state, tmp / "state.pt")
-        os.replace(tmp, final)
-    for pointer in pointers:
-        _write_json_atomic(root / f"{pointer}.json", {"step": step, "dir": final.name, **state.get("pointer_info", {})})
+    before = _pointer_or_none(root, "last")
+    try:
+        if not final.exists():
+            if not staged:
+                open_staging(run_dir, step)
+            _write_weights(weights, tmp / "model.safetensors")
+            _write_state(state, tmp / "state.pt")
+            os.replace(tmp, final)
+        for pointer in pointers:
+            info = {"step": step, "dir": final.name, **state.get("pointer_info", {})}
+            if pointer == "last" and before is not None:
+                previous = before["dir"] if before["dir"] != final.name else before.get("previous")
+                if previous:
+                    info["previous"] = previous
+            _write_json_atomic(root / f"{pointer}.json", info)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            _prune(root)  # a complete directory no pointer names (the pointer write failed)
+        if exc.errno in NO_SPACE:
+            kept = f"step {before['step']}" if before else "none was written yet"
+            raise CheckpointError(
+                f"no space left in {root}: the checkpoint of step {step} was not written (its partial files "
+                f"are removed) and the last checkpoint ({kept}) is kept; free some space, then continue "
+                "with tdlm run RECIPE --resume") from exc
+        raise
     _prune(root)
     return final
 
@@ -78,16 +125,80 @@ def all_finite(weights: dict) -> bool:
     return bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()) if floats else True
 
 
+def _parse_pointer(path: Path) -> dict:
+    """A pointer file's content; FileNotFoundError when absent, ValueError when it is not a pointer."""
+    info = json.loads(path.read_text(errors="replace"))
+    if not isinstance(info, dict) or not isinstance(info.get("dir"), str) or not isinstance(info.get("step"), int):
+        raise ValueError("not a pointer with a step and a dir")
+    return info
+
+
+def _pointer_or_none(root: Path, which: str) -> dict | None:
+    """The pointer, or None when there is none or it cannot be read."""
+    try:
+        return _parse_pointer(root / f"{which}.json")
+    except (OSError, ValueError):
+        return None
+
+
+def kept_dirs(root: Path) -> set[str] | None:
+    """The directories the pointers name (`last`'s previous one included); None when a pointer
+    exists but cannot be read (then nothing may be pruned)."""
+    keep = set()
+    for which in POINTERS:
+        if not (root / f"{which}.json").exists():
+            continue
+        info = _pointer_or_none(root, which)
+        if info is None:
+            return None
+        keep.add(info["dir"])
+        if which == "last" and info.get("previous"):
+            keep.add(info["previous"])
+    return keep
+
+
 def _prune(root: Path) -> None:
-    """Keep only the directories a pointer names."""
-    keep = {read_pointer(root.parent, p)["dir"] for p in POINTERS if (root / f"{p}.json").exists()}
+    """Keep only the directories a pointer names, and `last`'s previous one."""
+    keep = kept_dirs(root)
+    if keep is None:
+        return
     for path in root.glob("step-*"):
         if path.name not in keep:
             shutil.rmtree(path, ignore_errors=True)
 
 
 def read_pointer(run_dir: Path, which: str) -> dict:
-    return json.loads((Path(run_dir) / "checkpoints" / f"{which}.json").read_text())
+    """The pointer `which` (last, best); FileNotFoundError when there is none, CheckpointError
+    when it is not a pointer (a damaged file)."""
+    path = Path(run_dir) / "checkpoints" / f"{which}.json"
+    try:
+        return _parse_pointer(path)
+    except ValueError as exc:  # json.JSONDecodeError is one
+        raise CheckpointError(
+            f"{path} is damaged ({exc}); delete it and name a checkpoint by step (--checkpoint STEP; "
+            f"{describe_checkpoints(run_dir)}); tdlm run --resume falls back to the newest readable one"
+        ) from None
+
+
+def step_dirs(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories, newest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted((p for p in root.glob("step-*") if p.name[5:].isdigit() and p.is_dir()), reverse=True)
+
+
+def describe_checkpoints(run_dir: Path) -> str:
+    """What a run has, in words: 'it has best (step 8), last (step 8); kept steps 4, 8'."""
+    root = Path(run_dir) / "checkpoints"
+    named = []
+    for which in POINTERS:
+        if (root / f"{which}.json").exists():
+            info = _pointer_or_none(root, which)
+            named.append(f"{which} (step {info['step']})" if info else f"{which} (damaged)")
+    steps = [str(int(p.name[5:])) for p in reversed(step_dirs(run_dir))]
+    if not named and not steps:
+        return "it has no checkpoint yet (one is saved at every eval and at the end)"
+    return ("it has " + ", ".join(named) if named else "it has no best/last pointer") + (
+        f"; kept steps {', '.join(steps)}" if steps else "; no step directory")
 
 
 def checkpoint_dir(run_dir: Path, which: str = "last") -> Path:
@@ -95,26 +206,114 @@ def checkpoint_dir(run_dir: Path, which: str = "last") -> Path:
     root = Path(run_dir) / "checkpoints"
     if which.isdigit():
         path = root / f"step-{int(which):07d}"
-    else:
+        if not path.is_dir():
+            raise CheckpointNotFound(f"no checkpoint of step {int(which)} in {run_dir}: {describe_checkpoints(run_dir)}")
+    elif which in POINTERS:
         pointer = root / f"{which}.json"
         if not pointer.exists():
-            raise FileNotFoundError(
-                f"no {which!r} checkpoint in {run_dir} (looked for {pointer}); has the run saved one yet?"
-            )
+            raise CheckpointNotFound(f"no {which!r} checkpoint in {run_dir} (looked for {pointer}): "
+                                     f"{describe_checkpoints(run_dir)}")
         path = root / read_pointer(run_dir, which)["dir"]
+    else:
+        raise CheckpointNotFound(f"no checkpoint {which!r} in {run_dir}: name one as best, last or a step number; "
+                                 f"{describe_checkpoints(run_dir)}")
     if not (path / "model.safetensors").exists():
-        raise FileNotFoundError(f"checkpoint {path} is missing model.safetensors")
+        raise CheckpointNotFound(f"checkpoint {path} is missing model.safetensors: {describe_checkpoints(run_dir)}")
     return path
 
 
-def load_weights(model, path: Path) -> None:
+def read_checkpoint(run_dir: Path, which: str, read):
+    """(path, read(path)) for checkpoint `which`, safe against a save running at the same time:
+    if the directory the pointer named vanished (pruned by a save after the pointer moved on),
+    the pointer is read again and the new directory read instead."""
+    root = Path(run_dir) / "checkpoints"
+    for attempt in range(READ_ATTEMPTS):
+        named = _pointer_or_none(root, which) if which in POINTERS else None
+        try:
+            path = checkpoint_dir(run_dir, which)
+            return path, read(path)
+        except FileNotFoundError:
+            now = _pointer_or_none(root, which) if which in POINTERS else None
+            if named is None or now is None or now["dir"] == named["dir"] or attempt == READ_ATTEMPTS - 1:
+                raise  # nothing moved: the file is really missing
+    raise AssertionError("unreachable")
+
+
+def readable_checkpoint(run_dir: Path, *, weights: bool = True) -> tuple[Path, dict, dict | None, list[str]]:
+    """The newest checkpoint that can be read, for --resume: `last`, else `last`'s previous one,
+    else the newest other kept directory. Returns (path, state, weights or None, what was
+    skipped and why). CheckpointError when none can be read."""
+    root = Path(run_dir) / "checkpoints"
+    candidates, skipped, limit = [], [], None
+    try:
+        last = read_pointer(run_dir, "last")
+        candidates += [last["dir"]] + ([last["previous"]] if last.get("previous") else [])
+        limit = last["step"]
+    except (OSError, CheckpointError) as exc:
+        skipped.append(f"{root / 'last.json'}: {str(exc).split(';')[0]}")
+    candidates += [p.name for p in step_dirs(run_dir)
+                   if p.name not in candidates and (limit is None or int(p.name[5:]) <= limit)]
+    for name in candidates:
+        path = root / name
+        try:
+            state = load_state(path)
+            return path, state, read_weights(path) if weights else None, skipped
+        except (OSError, CheckpointError) as exc:
+            skipped.append(f"{name}: {str(exc).split(': the checkpoint is')[0]}")
+    raise CheckpointError(f"--resume: no checkpoint in {root} can be read ({'; '.join(skipped) or 'none kept'}); "
+                          "start the run again under another name (--set run.name=<new name>)")
+
+
+def set_aside(path: Path) -> Path:
+    """Move an unreadable checkpoint directory out of the way (never deleted): .unreadable-<name>[-n]."""
+    target, n = path.with_name(f".unreadable-{path.name}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f".unreadable-{path.name}-{n}")
+    return path.rename(target)
+
+
+def point(run_dir: Path, which: str, path: Path, step: int, **info) -> None:
+    """Replace pointer `which` by one naming `path` (a checkpoint directory of `step`)."""
+    _write_json_atomic(Path(run_dir) / "checkpoints" / f"{which}.json", {"step": step, "dir": Path(path).name, **info})
+
+
+def _unreadable(file: Path, exc: Exception) -> CheckpointError:
+    why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    run_dir = file.parent.parent.parent
+    return CheckpointError(
+        f"{file} cannot be read ({type(exc).__name__}: {why}): the checkpoint is truncated or corrupt; use another "
+        f"one with --checkpoint ({describe_checkpoints(run_dir)}); tdlm run --resume falls back to the previous one")
+
+
+def read_weights(path: Path) -> dict:
+    """The state dict in `path`/model.safetensors (FileNotFoundError if absent, CheckpointError if damaged)."""
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(Path(path) / "model.safetensors"))
+    file = Path(path) / "model.safetensors"
+    try:
+        return load_file(file)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and I/O errors: a damaged file
+        raise _unreadable(file, exc) from exc
+
+
+def load_weights(model, path: Path) -> None:
+    model.load_state_dict(read_weights(path))
 
 
 def load_state(path: Path) -> dict:
-    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+    file = Path(path) / "state.pt"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated zip, a broken pickle: a damaged file
+        raise _unreadable(file, exc) from exc
+    if not isinstance(state, dict) or "step" not in state:
+        raise _unreadable(file, ValueError("not a tdlm training state"))
+    return state
 
 
 def rng_state() -> dict:

@@ -67,7 +67,13 @@ def run(recipe, overrides, resume, stop_at, check):
     cfg, components = _load_recipe(recipe, overrides)
     if check:
         from tdlm.config import resolved_dict, to_toml
+        from tdlm.data.locate import file_in_the_way
+        from tdlm.runs import with_manifest
 
+        blocker = file_in_the_way(Path(cfg.run.out_dir) / cfg.run.name)
+        if blocker is not None:
+            _fail(f"run.out_dir {cfg.run.out_dir}: {blocker} is a file, not a folder; set run.out_dir to a folder")
+        cfg = with_manifest(cfg, warn=lambda line: click.echo(line, err=True))  # shards: their tokenizer
         click.echo(to_toml(resolved_dict(cfg, components)))
         return
     from tdlm.data import DataNotFoundError
@@ -127,7 +133,9 @@ def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, t_s
 
     if source is not None and texts:
         _fail("give --text FILE or --data SOURCE, not both")
-    device = device or _default_device()
+    device = _device(device)
+    if seed is not None:
+        _check_seed(seed)
     loaded = _load_run(run_dir, which=which, device=device)
     cfg, corpus = loaded.cfg, loaded.corpus
     objective = loaded.built.model.objective
@@ -173,13 +181,19 @@ def _canvas_ids(vocab, *, prompt, template, length, seq_len) -> list[int]:
     from tdlm.template import parse_template, template_ids
 
     if template is None:
-        ids = vocab.encode(prompt) if prompt else []
         length = length or seq_len
+        if length > seq_len:
+            _fail(f"--length {length} is more than the model's sequence length {seq_len}")
+        ids = vocab.encode(prompt) if prompt else []
         if len(ids) >= length:
             _fail(f"the prompt is {len(ids)} tokens, not shorter than --length {length}")
         ids += [vocab.mask_id] * (length - len(ids))
     else:
-        ids = template_ids(parse_template(template), vocab.encode, vocab.mask_id)
+        parts = parse_template(template)
+        masks = sum(part for part in parts if isinstance(part, int))
+        if masks > seq_len:  # before the canvas is allocated
+            _fail(f"the template's spans ask for {masks} tokens, more than the model's sequence length {seq_len}")
+        ids = template_ids(parts, vocab.encode, vocab.mask_id)
     if len(ids) > seq_len:
         _fail(f"the canvas is {len(ids)} tokens, more than the model's sequence length {seq_len}")
     return ids
@@ -231,7 +245,8 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
             _fail(f"--trace {trace}: the picture is a .png or an animated .gif")
         if not Path(trace).resolve().parent.is_dir():
             _fail(f"--trace {trace}: the folder {Path(trace).resolve().parent} does not exist")
-    device = device or _default_device()
+    device = _device(device)
+    _check_seed(seed)
     sampler_choice = (sampler, _sampler_options(options)) if sampler or options else None
     loaded = _load_run(run_dir, which=which, device=device, sampler=sampler_choice)
     from tdlm.runs import check_sampler_fits
@@ -398,7 +413,7 @@ def bench(as_json, device, recipe, suite, **settings):
     from tdlm import bench as benchmark
 
     log = None if as_json else (lambda line: click.echo(line, err=True))
-    settings.update(device=device or _default_device(), log=log)
+    settings.update(device=_device(device), log=log)
     if suite:
         for key in ("vocab", "d_model", "n_layers", "n_heads", "batch", "seq_len", "objective"):
             settings.pop(key)
@@ -441,8 +456,9 @@ def gen_eval(run_dir, sampler, options, reference, which, device, out_dir, as_js
     from tdlm.plugins import PluginError
 
     parsed = _sampler_options(options)
+    _check_seed(settings["seed"])
     try:
-        evaluator = GenEval(run_dir, reference=reference, which=which, device=device or _default_device())
+        evaluator = GenEval(run_dir, reference=reference, which=which, device=_device(device))
         result = evaluator.evaluate(sampler=sampler, options=parsed, **settings)
     except (GenEvalError, RecipeError, PluginError, DataNotFoundError, FileNotFoundError) as exc:
         _fail(str(exc))
@@ -492,6 +508,38 @@ def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _device(device: str | None) -> str:
+    """--device checked against this machine (default: cuda if available, else cpu)."""
+    import torch
+
+    if device is None:
+        return _default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        _fail(f"--device {device!r} is not a device: give cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "a torch built without CUDA" if torch.version.cuda is None else "no CUDA GPU visible"
+            _fail(f"--device {device}: this machine has {built}; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            _fail(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            _fail(f"--device {device}: MPS is not available here; use --device cpu")
+    elif parsed.type != "cpu":
+        _fail(f"--device {device}: tdlm runs on cpu, cuda or mps")
+    return device
+
+
+def _check_seed(seed: int) -> int:
+    from tdlm.config import SEED_LIMIT
+
+    if not -SEED_LIMIT <= seed < SEED_LIMIT:
+        _fail(f"--seed {seed}: a seed must lie in [-2**40, 2**40)")
+    return seed
 
 
 def _load_run(run_dir, **kwargs):

@@ -17,7 +17,7 @@ import re
 import tomllib
 import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -29,6 +29,11 @@ COMPONENT_SECTIONS = ("schedule", "corruption", "objective", "sampler")
 NONE = "none"
 """The TOML spelling of None, in the fields that accept None."""
 BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+SEED_LIMIT = 2**40
+"""Seeds are multiplied by ~1e6 to seed each epoch, step and eval batch; below this they stay
+inside the 64-bit range torch's generators take."""
+Seed = Annotated[int, Field(ge=-SEED_LIMIT, lt=SEED_LIMIT)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class RecipeError(TdlmError, ValueError):
@@ -42,7 +47,7 @@ class Section(BaseModel):
 class RunSection(Section):
     name: str | None = None
     """Run directory name under out_dir; default: the recipe file's stem."""
-    seed: int = 42
+    seed: Seed = 42
     out_dir: str = "runs"
 
     @field_validator("name")
@@ -61,16 +66,17 @@ class TrainingConfig(Section):
     """Global batch: sequences per optimizer step, whatever the number of processes."""
     micro_batch_size: int | None = Field(None, ge=1)
     """Sequences per forward pass per process; the rest is gradient accumulation."""
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, allow_inf_nan=False)
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps; overrides epochs when set."""
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(3e-4, gt=0, allow_inf_nan=False)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """The cosine decay ends at lr * min_lr_ratio."""
     warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
     """AdamW weight decay, applied to matrices only (not to biases, norms or embeddings)."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    """AdamW's (beta1, beta2), each in [0, 1)."""
     grad_clip: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on a GPU that supports it, full precision on CPU."""
@@ -89,7 +95,7 @@ class EvalConfig(Section):
     t_samples: int = Field(8, ge=1)
     """Stratified t per sequence for the diffusion NELBO (>= 8 for a reported figure)."""
     batch_size: int = Field(32, ge=1)
-    seed: int = 1234
+    seed: Seed = 1234
     """Fixed seed of the evaluation's mask draws, so a score is reproducible."""
     sample_num: int = Field(2, ge=0)
     """Text samples written at each eval."""
@@ -220,8 +226,16 @@ def read_toml(path: Path, error: type[Exception], missing: str) -> dict:
     such file, the parser's complaint when it is not valid TOML."""
     if not path.is_file():
         raise error(missing)
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise error(f"{path} looks binary (it holds NUL bytes), not a TOML text file")
     try:
-        return tomllib.loads(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); TOML files are UTF-8: convert it, "
+                    "e.g. iconv -f latin1 -t utf-8") from exc
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise error(f"{path}: not valid TOML: {exc}") from exc
 

@@ -62,13 +62,17 @@ class StopAgreement:
             self.group = dist.new_group(backend="gloo")
 
     def any(self, requested: bool) -> bool:
+        return self.each(requested)[0]
+
+    def each(self, *flags: bool) -> list[bool]:
+        """For each flag, whether any process raised it: one round-trip for all of them."""
         if self.group is None:
-            return requested
+            return [bool(flag) for flag in flags]
         import torch.distributed as dist
 
-        flag = torch.tensor([int(requested)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        tensor = torch.tensor([int(flag) for flag in flags], dtype=torch.int32)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return [bool(v) for v in tensor.tolist()]
 
 
 def configure_deepspeed(accelerator, micro_batch: int, grad_clip: float | None) -> int:

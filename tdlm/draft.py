@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from tdlm.components import VocabInfo
+from tdlm.errors import TdlmError
 
 
-class DraftError(ValueError):
-    """The draft cannot draft for this target (vocabulary, length or kind of model)."""
+class DraftError(TdlmError, ValueError):
+    """The draft cannot draft for this target (vocabulary, length or kind of model), or there is
+    none: a user error, reported in one line."""
 
 
 @dataclass

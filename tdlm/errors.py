@@ -14,3 +14,21 @@ class TdlmError(Exception):
 class RunError(TdlmError):
     """A run directory that cannot be used as asked: in use by another process, a resume that
     would train something else than the saved run, a --stop-at the run cannot honour."""
+
+
+class DataError(TdlmError, ValueError):
+    """Data that cannot train or score as asked: too few tokens for one batch or sequence, an
+    empty split, a data file that is not UTF-8 text, a cache path that is not a folder."""
+
+
+class DataChangedError(RunError):
+    """The data or the tokenizer a run was trained with changed since (data.json records them):
+    scoring or sampling would use token ids the model never saw."""
+
+
+class CheckpointError(TdlmError):
+    """A checkpoint that cannot be read (truncated, corrupt) or written (no space left)."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """No checkpoint of that name: the message lists the ones the run has."""

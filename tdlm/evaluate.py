@@ -26,7 +26,13 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from tdlm.errors import DataError
+
 LN2 = math.log(2.0)
+
+
+class EvaluationStopped(Exception):
+    """`evaluate`'s `stop` said to stop (a SIGTERM during the final scoring): nothing is returned."""
 
 
 def _batches(sequences: torch.Tensor, tail: torch.Tensor | None, batch_size: int) -> list[tuple[int, torch.Tensor]]:
@@ -66,6 +72,7 @@ def evaluate(
     split: str = "valid",
     shard: tuple[int, int] = (0, 1),
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Score every token of `sequences` [n, N] (and the optional tail) with `model.objective`.
 
@@ -75,12 +82,16 @@ def evaluate(
     per-sequence figures, so every process returns the single-process result. Every process
     runs the same number of forward passes (the last round is padded with a batch whose
     figures are discarded): engines that gather sharded weights in the forward need that.
+    `stop`, called before each round (on every process alike: it may be a collective), ends the
+    scoring early with EvaluationStopped when it returns True.
     """
     net, objective = model.net, model.objective
     rank, world_size = shard
+    batches = _batches(sequences, tail, batch_size)
+    if not batches:
+        raise DataError(f"nothing to score: the {split} text holds no tokens")
     was_training = model.training
     model.eval()
-    batches = _batches(sequences, tail, batch_size)
     n = sum(len(x0) for _, x0 in batches)
     totals = torch.zeros(n, dtype=torch.float64)
     counts = torch.zeros(n, dtype=torch.float64)
@@ -89,6 +100,9 @@ def evaluate(
     scored_bytes = torch.zeros((), dtype=torch.float64)
     rounds = math.ceil(len(batches) / world_size)
     for round_ in tqdm(range(rounds), disable=not progress, desc=f"eval {split}", leave=False):
+        if stop is not None and stop():
+            model.train(was_training)
+            raise EvaluationStopped(f"scoring {split} stopped after {round_} of {rounds} batches")
         index = round_ * world_size + rank
         padding = index >= len(batches)
         start, x0 = batches[index % len(batches)]

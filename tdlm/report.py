@@ -223,12 +223,6 @@ def csv_text(runs: list[Run]) -> str:
 
 
 # -- diffusion vs AR -------------------------------------------------------------------------
-def comparison_split(runs: list[Run]) -> str | None:
-    """test when every finished run has it, else valid when they all do."""
-    finished = [r for r in runs if r.finished]
-    return next((s for s in ("test", "valid") if finished and all(r.final(s) for r in finished)), None)
-
-
 def pairs(runs: list[Run], split: str) -> list[tuple[Run, Run]]:
     """(diffusion, AR) twins: finished runs whose configs agree outside the objective's sections."""
     groups: dict[str, list[Run]] = {}
@@ -244,21 +238,36 @@ def pairs(runs: list[Run], split: str) -> list[tuple[Run, Run]]:
     return sorted(found, key=lambda p: (p[0].epochs or 0, p[0].parameters or 0, p[0].name))
 
 
+def compared_pairs(runs: list[Run]) -> list[tuple[Run, Run, str]]:
+    """(diffusion, AR, split) for every twin pair that has figures to compare: on the test split
+    when both have test figures, else on valid. A run without final figures (e.g. eval.final_splits
+    = []) is left out of the comparison, not the comparison out of the report."""
+    found, paired = [], set()
+    for split in ("test", "valid"):
+        for diffusion, ar in pairs(runs, split):
+            if diffusion.path not in paired and ar.path not in paired:
+                found.append((diffusion, ar, split))
+                paired |= {diffusion.path, ar.path}
+    return sorted(found, key=lambda p: (p[0].epochs or 0, p[0].parameters or 0, p[0].name))
+
+
 def comparison_lines(runs: list[Run]) -> list[str]:
     """Per diffusion/AR pair: the gap, with its standard error, in honest words; then the answer."""
-    split = comparison_split(runs)
-    found = pairs(runs, split) if split else []
+    found = compared_pairs(runs)
     if not found:
-        return ["No finished diffusion run has a finished AR twin (same config but the objective), "
-                "so there is no diffusion-vs-AR comparison."]
-    lines = [f"Diffusion vs AR on the {split} split (AR exact NLL minus diffusion NELBO, nats/token, "
+        return ["No finished diffusion run with final figures has a finished AR twin with figures on the same split "
+                "(same config but the objective), so there is no diffusion-vs-AR comparison."]
+    splits = sorted({split for *_, split in found}, key=("test", "valid").index)
+    where = f"the {splits[0]} split" if len(splits) == 1 else "the test split (valid where a pair has no test figures)"
+    lines = [f"Diffusion vs AR on {where} (AR exact NLL minus diffusion NELBO, nats/token, "
              "± one standard error of the difference; the NELBO is an upper bound on the diffusion model's NLL):", ""]
     overtakes = []
-    for diffusion, ar in found:
+    for diffusion, ar, split in found:
         d, a = diffusion.final(split), ar.final(split)
         gap = a["nll_per_token"] - d["nll_per_token"]
         se = math.hypot(d.get("stderr", 0.0), a.get("stderr", 0.0))
         where = f"{_epochs(diffusion.epochs)}, {_count(diffusion.parameters)} params ({diffusion.group_label})"
+        where += f" [{split}]" if len(splits) > 1 else ""
         if gap > 2 * se:
             verdict = "the diffusion bound is lower, so the diffusion model is better"
             overtakes.append(diffusion)
@@ -268,7 +277,7 @@ def comparison_lines(runs: list[Run]) -> list[str]:
             verdict = "within two standard errors: no difference shown"
         lines.append(f"- {where}: AR {a['nll_per_token']:.3f} vs diffusion <= {d['nll_per_token']:.3f}; "
                      f"gap {gap:+.3f} ± {se:.3f}: {verdict}.")
-    epochs = sorted({round(d.epochs, 3) for d, _ in found if d.epochs})
+    epochs = sorted({round(d.epochs, 3) for d, *_ in found if d.epochs})
     if len(epochs) > 1:
         tried = ", ".join(_number(e) for e in epochs)
         if overtakes:

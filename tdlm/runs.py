@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from tdlm.components import VocabInfo
-from tdlm.config import RecipeError, RunConfig, resolve_components, resolved_dict, to_toml
+from tdlm.config import RecipeError, RunConfig, read_recipe, resolve_components, resolved_dict, to_toml
+from tdlm.data.locate import file_in_the_way
 from tdlm.errors import RunError
 
 
@@ -104,6 +105,10 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.fd, self.run_dir = None, Path(run_dir)
+        blocker = file_in_the_way(self.run_dir)
+        if blocker is not None:
+            raise RunError(f"cannot make the run directory {self.run_dir}: {blocker} is a file, not a folder; "
+                           "set run.out_dir (or run.name) to a folder")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -227,7 +232,7 @@ def check_resume_config(run_dir: Path, cfg: RunConfig, components: dict, registr
 
     run_dir = Path(run_dir)
     try:
-        saved_cfg = read_run_config(run_dir)
+        saved_cfg = with_manifest(read_run_config(run_dir))
         saved = resolved_dict(saved_cfg, resolve_components(saved_cfg, registry or build_registry()))
     except (RecipeError, PluginError, ValueError) as exc:
         raise RunError(f"--resume: the saved config of {run_dir} no longer validates ({exc}); "
@@ -268,11 +273,37 @@ def check_sampler_fits(sampler, objective) -> None:
 
 
 # -- loading a run back ------------------------------------------------------------------------
+def with_manifest(cfg: RunConfig, warn=None) -> RunConfig:
+    """`cfg` with the corpus and tokenizer of its shards' manifest (format='webdataset'): what the
+    run really trains on, so that its saved config says so. Other formats: `cfg` itself."""
+    from tdlm.data.manifest import data_from_manifest
+
+    data = data_from_manifest(cfg.data, warn=warn)
+    return cfg if data == cfg.data else cfg.model_copy(update={"data": data})
+
+
 def read_run_config(run_dir: Path) -> RunConfig:
+    """The run's resolved config from config.json; if that file is damaged, from its copy
+    config.toml (written beside it at the same moments), with a warning."""
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise RecipeError(f"{run_dir} is not a tdlm run directory (no config.json); runs live under runs/<name>")
-    return RunConfig.model_validate(json.loads(path.read_text()))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("not a table of sections")
+    except (UnicodeDecodeError, ValueError) as exc:
+        copy = path.with_name("config.toml")
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        try:
+            cfg = read_recipe(copy)
+        except RecipeError:
+            raise RecipeError(f"{path} is damaged ({why}) and its copy {copy} cannot be read either; the run's "
+                              "settings are lost: restore config.json from a backup") from None
+        print(f"tdlm: warning: {path} is damaged ({why}); read its copy {copy} instead (restore config.json: "
+              f"tdlm rewrites it at the next --resume)", file=sys.stderr)
+        return cfg
+    return RunConfig.model_validate(raw)
 
 
 @dataclass
@@ -286,13 +317,16 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=None,
-             registry=None, progress: bool = False) -> LoadedRun:
-    """Rebuild a trained run's model from its saved config and checkpoint.
+             registry=None, progress: bool = False, action: str = "scoring or sampling it") -> LoadedRun:
+    """Rebuild a trained run's model from its saved config and checkpoint, once checked that
+    its data and tokenizer are those it was trained with (tdlm.data.record).
 
     `sampler`: (name, options dict) to sample with another sampler than the recipe's.
+    `action`: what the caller is about to do, for the message when the data changed.
     """
-    from tdlm.checkpoint import checkpoint_dir, load_weights
+    from tdlm import checkpoint as ckpt
     from tdlm.data import load_corpus
+    from tdlm.data.record import check_record
     from tdlm.lm import build_model
     from tdlm.plugins import build_registry
 
@@ -311,8 +345,9 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
         cfg = RunConfig.model_validate(raw)
         components = resolve_components(cfg, registry)
     corpus = load_corpus(cfg.data, progress=progress)
+    check_record(run_dir, corpus, cfg.data, action=action)
     built = build_model(cfg, components, vocab_info(corpus))
-    path = checkpoint_dir(run_dir, which)
-    load_weights(built.model, path)
+    path, weights = ckpt.read_checkpoint(run_dir, which, ckpt.read_weights)  # safe against a save in progress
+    built.model.load_state_dict(weights)
     built.model.to(device).eval()
     return LoadedRun(run_dir, cfg, components, corpus, built, path)

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 TAG = re.compile(r"<mask(?::([0-9]+))?>")
+MAX_SPAN_DIGITS = 9  # a span of a billion tokens is more than any model's canvas: refused as written
 TAG_START = "<mask"
 SYNTAX = "write <mask> for one token to generate or <mask:N> for N of them (N >= 1)"
 
@@ -34,6 +35,9 @@ def parse_template(text: str) -> list[Part]:
     pos = 0
     while (start := text.find(TAG_START, pos)) >= 0:
         match = TAG.match(text, start)
+        if match is not None and match.group(1) is not None and len(match.group(1).lstrip("0")) > MAX_SPAN_DIGITS:
+            raise TemplateError(f"template: the span at character {start} asks for a {len(match.group(1))}-digit "
+                                "number of tokens, more than any canvas holds")
         if match is None or (match.group(1) is not None and int(match.group(1)) < 1):
             close = text.find(">", start, start + 24)
             bad = text[start : close + 1] if close >= 0 else text[start : start + 12]

@@ -23,13 +23,15 @@ from tdlm.config import RecipeError, RunConfig, resolved_dict, to_toml
 from tdlm.data import load_corpus, pack, train_stream
 from tdlm.distributed import (StopAgreement, configure_deepspeed, device_name, from_main, make_accelerator,
                               unwrap)
-from tdlm.errors import RunError
-from tdlm.evaluate import evaluate
+from tdlm.data.manifest import ShardError
+from tdlm.data.record import check_record, data_record, write_record
+from tdlm.errors import CheckpointError, DataError, RunError
+from tdlm.evaluate import EvaluationStopped, evaluate
 from tdlm.flops import flops_per_token, mfu, peak_flops
 from tdlm.lm import build_model
 from tdlm.monitor import RunLogger, read_metrics, rewrite_metrics
 from tdlm.optim import build_optimizer, lr_at
-from tdlm.runs import check_resume_config, claim_run_dir, vocab_info, write_config, write_run_files
+from tdlm.runs import check_resume_config, claim_run_dir, vocab_info, with_manifest, write_config, write_run_files
 
 
 class TrainingDiverged(RuntimeError):
@@ -52,8 +54,11 @@ def mixed_precision(setting: str) -> str:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None):
+        self.accelerator = make_accelerator(mixed_precision(cfg.training.mixed_precision))
+        # shards fix the corpus and the tokenizer: the saved config (and a resume's check) say which
+        warn = (lambda line: tqdm.write(line, file=sys.stderr)) if self.accelerator.is_main_process else None
+        cfg = with_manifest(cfg, warn=warn)
         self.cfg, self.tc, self.stop_at = cfg, cfg.training, stop_at
-        self.accelerator = make_accelerator(mixed_precision(self.tc.mixed_precision))
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.lock = self._claim_run_dir(resume, components)  # held until fit() ends, or the process does
         try:
@@ -68,6 +73,10 @@ class Trainer:
         with acc.main_process_first():  # one process tokenises into the cache; the others then read it
             self.corpus = load_corpus(cfg.data, progress=cfg.logging.progress and acc.is_main_process)
         self.vocab = self.corpus.vocab
+        self._check_splits()
+        record = data_record(self.corpus, cfg.data)
+        if resume:  # the data and tokenizer must be those the run was trained with
+            check_record(self.run_dir, self.corpus, cfg.data, action="--resume", current=record)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
         self.components = components
         self.vocab_info = vocab_info(self.corpus)  # counts the train tokens: once
@@ -75,7 +84,7 @@ class Trainer:
         net = self.built.model.net  # sized before prepare(): ZeRO-3 leaves empty placeholders in the module
         self.sizes = {"parameters": net.num_parameters(), "non_embedding_parameters": net.num_parameters(non_embedding=True)}
         self.flops_per_token = flops_per_token(net, cfg.data.seq_len)["total"]
-        self.valid_seqs, _ = pack(self.corpus.splits["valid"], cfg.data.seq_len)
+        self.valid_seqs, self.valid_tail = pack(self.corpus.splits["valid"], cfg.data.seq_len)
         self.stream = train_stream(self.corpus, cfg.data, self.tc.batch_size, cfg.run.seed,
                                    rank=acc.process_index, world_size=acc.num_processes)
         self.tokens_per_step = self.tc.batch_size * cfg.data.seq_len
@@ -105,10 +114,22 @@ class Trainer:
             self._check_stop_at()
             if acc.is_main_process:
                 write_run_files(self.run_dir, cfg, components)
+                write_record(self.run_dir, record)
         self.logger = RunLogger(self.run_dir, tensorboard=cfg.logging.tensorboard, enabled=acc.is_main_process)
         self.logger.text(self.step, "config", to_toml(resolved_dict(cfg, components)))
         self.stop_requested = False
         self.stop_agreement = StopAgreement(acc.num_processes)
+        self._prefetched = None  # (step, batch) read ahead, so a damaged shard stops before the step
+
+    def _check_splits(self) -> None:
+        """Every split the run scores must hold text: an empty one would fail only after training."""
+        data = self.cfg.data
+        where = data.path if data.format == "webdataset" or data.dataset == "text" else data.dataset
+        for split in dict.fromkeys(["valid", *self.cfg.eval.final_splits]):
+            if len(self.corpus.splits[split]) == 0:
+                use = "every eval scores it" if split == "valid" else "eval.final_splits scores it"
+                raise DataError(f"the {split} split of {where} holds no tokens, and {use}: give it text"
+                                + ("" if split == "valid" else f" or leave {split} out of eval.final_splits"))
 
     def _reset_window(self) -> None:
         """The figures of the steps since the last log record: loss sum, steps, training seconds and
@@ -132,6 +153,8 @@ class Trainer:
                    desc=self.cfg.run.name, dynamic_ncols=True)
         window_start = time.perf_counter()
         try:
+            if self.stop_agreement.any(self._read_ahead() is not None):
+                raise self._data_damaged(saved=False)  # no step of this session is lost
             while self.step < self.total_steps:
                 self.window_loss += self.train_step()
                 self.step += 1
@@ -139,7 +162,9 @@ class Trainer:
                 bar.update(1)
                 at_eval = self.step % tc.eval_every == 0 or self.step == self.total_steps
                 at_ckpt = at_eval or (tc.checkpoint_every and self.step % tc.checkpoint_every == 0)
-                stopping = self.stop_agreement.any(self.stop_requested) or self.step == self.stop_at
+                # the next step's batch is read now: a damaged shard stops the run here, with a checkpoint
+                asked, damaged = self.stop_agreement.each(self.stop_requested, self._read_ahead() is not None)
+                stopping = asked or damaged or self.step == self.stop_at
                 # a stop between log steps logs nothing: its checkpoint carries the open window, and
                 # the next session logs it where an uninterrupted run would
                 logging = self.step % tc.log_every == 0 or at_ckpt
@@ -158,7 +183,10 @@ class Trainer:
                 if logging or stopping:  # the next window times training only, not this step's eval and save
                     window_start = time.perf_counter()
                 if stopping:
-                    return self.finish("stopped", bar)
+                    summary = self.finish("stopped", bar)
+                    if damaged:
+                        raise self._data_damaged(saved=True)
+                    return summary
             return self.finish("finished", bar)
         finally:
             bar.close()
@@ -171,12 +199,33 @@ class Trainer:
             self.lock.release(discard_if_empty=discard_if_empty)
             self.lock = None
 
+    def _read_ahead(self) -> Exception | None:
+        """Read the batch of the next step now (kept for train_step); the error if its data
+        cannot be read (a damaged or vanished shard)."""
+        self.data_problem = None
+        if self.step < self.total_steps:
+            try:
+                self._prefetched = (self.step, self.stream.get(self.step))
+            except (ShardError, OSError) as exc:
+                self.data_problem = exc
+        return self.data_problem
+
+    def _data_damaged(self, *, saved: bool) -> DataError:
+        problem = self.data_problem
+        what = str(problem) if isinstance(problem, ShardError) else (
+            f"reading the train data failed ({type(problem).__name__}: {problem})" if problem is not None
+            else "another process could not read its train data (see its message)")
+        done = (f"training stopped at step {self.step} and saved a checkpoint there" if saved
+                else f"training stopped before step {self.step + 1}, nothing lost")
+        return DataError(f"{what.rstrip('.')}; {done}: once the data is whole, continue with tdlm run RECIPE --resume")
+
     def train_step(self) -> torch.Tensor:
         acc, model = self.accelerator, self.model
         lr = lr_at(self.step, self.total_steps, self.tc)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.stream.get(self.step)
+        ahead, self._prefetched = getattr(self, "_prefetched", None), None
+        batch = ahead[1] if ahead is not None and ahead[0] == self.step else self.stream.get(self.step)
         if acc.device.type == "cuda":  # from pageable memory, .to(cuda) waits for the GPU to finish the last step
             batch = batch.pin_memory()
         batch = batch.to(acc.device, non_blocking=True)
@@ -224,7 +273,7 @@ class Trainer:
         model = unwrap(self.accelerator, self.model)
         limit = self.tc.eval_sequences if sequences == -1 else sequences
         seqs = self.valid_seqs[:limit] if limit else self.valid_seqs
-        result = self.score(model, seqs, None, split)
+        result = self.score(model, seqs, self.valid_tail if len(seqs) == 0 else None, split)
         self.logger.log(self.step, _scalars(result), "val")
         by_t = {f"masked_ce_t{b['t'][0]:.1f}": b["masked_ce"]
                 for b in result.get("t_buckets", []) if b["masked_ce"] is not None}
@@ -238,13 +287,15 @@ class Trainer:
         self.best = min(self.best, result["nll_per_token"])
         return result
 
-    def score(self, model, sequences, tail, split: str, *, progress: bool = False) -> dict:
+    def score(self, model, sequences, tail, split: str, *, progress: bool = False, stoppable: bool = False) -> dict:
+        """`stoppable`: a SIGTERM (on any process) ends the scoring early with EvaluationStopped."""
         acc, ec = self.accelerator, self.cfg.eval
+        stop = (lambda: self.stop_agreement.any(self.stop_requested)) if stoppable else None
         return evaluate(model, sequences, tail, num_bytes=self.corpus.num_bytes, t_samples=ec.t_samples,
                         batch_size=ec.batch_size, seed=ec.seed, device=acc.device, split=split,
                         progress=progress and acc.is_main_process,
                         shard=(acc.process_index, acc.num_processes),
-                        all_reduce_sum=lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu())
+                        all_reduce_sum=lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu(), stop=stop)
 
     def sample_text(self, model, num: int | None = None) -> list[str]:
         num = self.cfg.eval.sample_num if num is None else num
@@ -275,7 +326,7 @@ class Trainer:
                 f"the weights became NaN or infinite by step {self.step}; they were not saved and the run stopped. "
                 f"The last good checkpoint ({self._last_good()}) is kept. Try a lower training.lr, more "
                 "training.warmup_steps or training.grad_clip.")
-        window = None
+        window, problem = None, None
         if self.window_steps:  # stopped between log steps: the next session logs this window
             window = {"steps": self.window_steps, "seconds": self.window_seconds,
                       "loss_sum": acc.reduce(self.window_loss, reduction="mean").item(),
@@ -296,10 +347,16 @@ class Trainer:
             if not self.deepspeed:
                 state["optimizer"] = self.optimizer.state_dict()
             pointers = ("last", "best") if getattr(self, "is_best", False) else ("last",)
-            ckpt.save_checkpoint(self.run_dir, self.step, weights, state, pointers=pointers,
-                                 staged=self.deepspeed and fresh)
+            try:
+                ckpt.save_checkpoint(self.run_dir, self.step, weights, state, pointers=pointers,
+                                     staged=self.deepspeed and fresh)
+            except CheckpointError as exc:  # no space left: the staging files are gone, "last" is kept
+                problem = exc
+        problem = from_main(acc, problem)
         self.is_best = False
         acc.wait_for_everyone()
+        if problem is not None:
+            raise problem
 
     def engine_name(self) -> str:
         return f"deepspeed-zero{self.deepspeed}" if self.deepspeed else "ddp" if self.accelerator.num_processes > 1 else "single"
@@ -323,11 +380,20 @@ class Trainer:
             best_dir = ckpt.checkpoint_dir(self.run_dir, "best")
             ckpt.load_weights(model, best_dir)
             summary["checkpoint"] = best_dir.name
-            for split in self.cfg.eval.final_splits:
-                seqs, tail = pack(self.corpus.splits[split], self.cfg.data.seq_len)
-                summary[split] = self.score(model, seqs, tail, split, progress=self.cfg.logging.progress)
-                self.logger.log(self.step, _scalars(summary[split]), f"final_{split}")
-            summary["samples"] = self.sample_text(model)
+            try:
+                for split in self.cfg.eval.final_splits:
+                    seqs, tail = pack(self.corpus.splits[split], self.cfg.data.seq_len)
+                    summary[split] = self.score(model, seqs, tail, split, progress=self.cfg.logging.progress,
+                                                stoppable=True)
+                    self.logger.log(self.step, _scalars(summary[split]), f"final_{split}")
+            except EvaluationStopped:  # the checkpoint is saved: --resume scores it again
+                summary = {k: v for k, v in summary.items() if k not in ("valid", "test", "checkpoint")}
+                summary["status"] = "stopped"
+                if acc.is_main_process:
+                    tqdm.write("tdlm: stopped during the final scoring; the checkpoint is saved, and "
+                               "--resume scores it", file=sys.stderr)
+            if summary["status"] == "finished":
+                summary["samples"] = self.sample_text(model)
             summary["wall_time_s"] = self._wall_seconds()
         if acc.is_main_process:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -372,8 +438,8 @@ class Trainer:
 
     def _resume(self) -> None:
         acc = self.accelerator
-        path = ckpt.checkpoint_dir(self.run_dir, "last")
-        state = ckpt.load_state(path)
+        # last, or (when it cannot be read) the newest readable one; DeepSpeed reads its engine state instead
+        path, state, weights, skipped = ckpt.readable_checkpoint(self.run_dir, weights=not self.deepspeed)
         written_by = state.get("engine", "single")
         if self.deepspeed or written_by.startswith("deepspeed"):
             if written_by != self.engine_name() or state.get("processes") != acc.num_processes:
@@ -385,10 +451,12 @@ class Trainer:
                 )
             acc.load_state(str(path / "engine"))
         else:
-            ckpt.load_weights(unwrap(acc, self.model), path)
+            unwrap(acc, self.model).load_state_dict(weights)
             self.optimizer.load_state_dict(state["optimizer"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.best = state["step"], state["best"]
+        if skipped:
+            self._fall_back(path, state, skipped)
         if self.step > self.total_steps:
             raise RunError(f"--resume: the run is at step {self.step}, past the recipe's {self.total_steps} steps "
                            "(training.max_steps / training.epochs); it can be made longer, not shorter")
@@ -411,8 +479,31 @@ class Trainer:
                 tqdm.write("tdlm: resuming with changed settings (now in config.json): " + "; ".join(
                     f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in self.resume_changes.items()),
                     file=sys.stderr)
-            # drop records the interrupted run wrote after this checkpoint
-            rewrite_metrics(self.run_dir, [r for r in read_metrics(self.run_dir) if r["step"] <= self.step])
+            # drop records the interrupted run wrote after this checkpoint, and the final scoring of a
+            # run at its end (this session scores it again: a SIGTERM may have cut it short)
+            rescoring = self.step == self.total_steps
+            rewrite_metrics(self.run_dir, [r for r in read_metrics(self.run_dir) if r["step"] < self.step or (
+                r["step"] == self.step and not (rescoring and r["kind"].startswith("final_")))])
+
+    def _fall_back(self, path, state: dict, skipped: list[str]) -> None:
+        """`last` could not be read and the run resumes from `path`: the unreadable directories
+        newer than it are set aside (a later save of their step must not find them), `last`
+        names `path`, and so does `best` if it named one of them."""
+        acc, root = self.accelerator, self.run_dir / "checkpoints"
+        acc.wait_for_everyone()  # every process has read its checkpoint before anything moves
+        if acc.is_main_process:
+            moved = [ckpt.set_aside(p) for p in ckpt.step_dirs(self.run_dir) if int(p.name[5:]) > self.step]
+            best = ckpt._pointer_or_none(root, "best")
+            if best is None or not (root / best["dir"]).is_dir():
+                val = state.get("pointer_info", {}).get("val_nll")
+                self.best = val if val is not None else math.inf  # the next eval that beats it is best
+                ckpt.point(self.run_dir, "best", path, self.step, val_nll=val)
+            ckpt.point(self.run_dir, "last", path, self.step)
+            tqdm.write(f"tdlm: warning: could not read {'; '.join(skipped)}; resuming from the newest readable "
+                       f"checkpoint, {path.name}" + (f" (set aside: {', '.join(p.name for p in moved)})" if moved else ""),
+                       file=sys.stderr)
+        self.best = from_main(acc, self.best)
+        acc.wait_for_everyone()
 
     def _check_stop_at(self) -> None:
         if self.stop_at is not None and self.stop_at <= self.step:
@@ -451,7 +542,7 @@ class Trainer:
     def _last_good(self) -> str:
         try:
             return str(ckpt.checkpoint_dir(self.run_dir, "last"))
-        except FileNotFoundError:
+        except (FileNotFoundError, CheckpointError):
             return "none was written yet"
 
 

@@ -335,7 +335,6 @@ def test_an_unreachable_hugging_face_dataset_is_one_clear_line(tmp_path, monkeyp
     ("settings", "message"),
     [
         ({"format": "webdataset"}, "needs path"),
-        ({"format": "webdataset", "path": "x", "tokenizer": "bpe"}, "remove tokenizer"),
         ({"format": "webdataset", "path": "x", "max_train_tokens": 10}, "remove max_train_tokens"),
         ({"format": "tar"}, "unknown format"),
     ],

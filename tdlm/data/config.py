@@ -2,9 +2,13 @@
 
 Two formats. "text" tokenises WikiText-2 or a folder of text on first use (cached). "webdataset"
 reads shards that `tdlm data prepare` wrote: `path` is that folder, and the tokenizer, the
-corpus and the token counts all come from its manifest.json, so `dataset`, `tokenizer`,
-`bpe_vocab_size` and `max_train_tokens` must be left at their defaults (a set one is an error
-rather than silently ignored); `seq_len` must equal the shards' (checked when they are opened).
+corpus and the token counts all come from its manifest.json. So a recipe switched to shards
+(`--set data.format=webdataset --set data.path=DIR`) may keep its `dataset`, `tokenizer` and
+`bpe_vocab_size`: the manifest's replace them when the run starts (the run's config.json
+records the manifest's, and a recipe value the manifest overrides is reported).
+`max_train_tokens` cannot be honoured by shards and is an error (`--set
+data.max_train_tokens=none` removes it); `seq_len` must equal the shards' (checked when they
+are opened).
 
     [data]
     format = "webdataset"
@@ -19,8 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 FORMATS = ("text", "webdataset")
 DATASETS = ("wikitext2", "text")
 TOKENIZERS = ("gpt2", "bpe")
-# Settings that a webdataset folder fixes in its manifest, so a recipe must not set them.
-MANIFEST_FIELDS = ("dataset", "tokenizer", "bpe_vocab_size", "max_train_tokens")
+# Settings that a webdataset folder fixes in its manifest: taken from it when the run starts
+# (tdlm.data.manifest.data_from_manifest).
+MANIFEST_FIELDS = ("dataset", "tokenizer", "bpe_vocab_size")
+# Settings that shards cannot honour: a recipe must leave them unset.
+NOT_FOR_SHARDS = ("max_train_tokens",)
 
 
 class DataConfig(BaseModel):
@@ -63,14 +70,11 @@ class DataConfig(BaseModel):
             return self
         if self.path is None:
             raise ValueError("format='webdataset' needs path: the folder `tdlm data prepare` wrote")
-        # Compared with the defaults, not with the keys given: a saved run's config (every
-        # default written out) must still validate.
-        defaults = {name: type(self).model_fields[name].default for name in MANIFEST_FIELDS}
-        conflicting = [name for name, default in defaults.items() if getattr(self, name) != default]
+        conflicting = [name for name in NOT_FOR_SHARDS if getattr(self, name) is not None]
         if conflicting:
             raise ValueError(
-                f"format='webdataset' takes the corpus and tokenizer from the shards' manifest: remove "
-                f"{', '.join(conflicting)} (choose them when running `tdlm data prepare`)"
+                f"format='webdataset' streams every train sequence of the shards: remove {', '.join(conflicting)} "
+                f"(e.g. --set data.{conflicting[0]}=none), or prepare shards from less text"
             )
         return self
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from tdlm.data.config import DataConfig
 from tdlm.errors import TdlmError
 from tdlm.data.locate import cache_root, find_split_files, write_atomically
-from tdlm.data.tokenizer import Vocab, load_vocab, split_lines, utf8_text
+from tdlm.data.tokenizer import Vocab, load_vocab, split_lines, utf8_text, warn_rebuild
 
 # Part of every cache key: bump it when the way text becomes tokens changes, so that old
 # caches are not silently reused.
@@ -81,13 +81,30 @@ def cached_tokens(
     key = hashlib.sha256(b"\n".join(parts))
     cached = cache_root(cache_dir) / "tokens" / f"{path.stem}-{vocab.name}-{key.hexdigest()[:16]}.npy"
     if cached.is_file():
-        return np.load(cached)
+        tokens = read_cached_tokens(cached, vocab)
+        if tokens is not None:
+            return tokens
     lines = split_lines(utf8_text(raw, path))
     tokens = tokenize_lines(vocab, lines, desc=f"tokenising {path.name}", progress=progress)
     buffer = io.BytesIO()
     np.save(buffer, tokens)
     write_atomically(cached, buffer.getvalue())
     return tokens
+
+
+def read_cached_tokens(cached: Path, vocab: Vocab) -> np.ndarray | None:
+    """A token cache entry, or None (the entry deleted, with a warning) when it is damaged: not
+    a .npy file, cut short, or not a 1-D int32 array of ids of this vocabulary."""
+    try:
+        tokens = np.load(cached, allow_pickle=False)
+        if tokens.ndim != 1 or tokens.dtype != np.int32:
+            raise ValueError(f"a {tokens.dtype} array of shape {tokens.shape}, not 1-D int32")
+        if len(tokens) and not (0 <= int(tokens.min()) and int(tokens.max()) < vocab.size):
+            raise ValueError(f"ids outside [0, {vocab.size})")
+        return tokens
+    except (OSError, ValueError, EOFError) as exc:
+        warn_rebuild(cached, (str(exc).strip().splitlines() or [type(exc).__name__])[0], "tokenising again")
+        return None
 
 
 def tokenize_lines(vocab: Vocab, lines: list[str], *, desc: str = "tokenising", progress: bool = True) -> np.ndarray:

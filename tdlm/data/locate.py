@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from tdlm.data.config import DataConfig
-from tdlm.errors import TdlmError
+from tdlm.errors import DataError, TdlmError
 
 SPLITS = ("train", "valid", "test")
 WIKITEXT2_FILES = {split: f"wikitext-2/wiki.{split}.tokens" for split in SPLITS}
@@ -34,9 +34,26 @@ class DataNotFoundError(FileNotFoundError, TdlmError):
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """`cache_dir`, else $TDLM_CACHE_DIR, else ~/.cache/tdlm."""
+    """`cache_dir`, else $TDLM_CACHE_DIR, else ~/.cache/tdlm; a DataError when that path (or a
+    folder above it) is a file."""
     chosen = cache_dir if cache_dir is not None else os.environ.get("TDLM_CACHE_DIR") or "~/.cache/tdlm"
-    return Path(chosen).expanduser()
+    root = Path(chosen).expanduser()
+    blocker = file_in_the_way(root)
+    if blocker is not None:
+        where = "$TDLM_CACHE_DIR" if cache_dir is None and os.environ.get("TDLM_CACHE_DIR") else "the cache folder"
+        raise DataError(f"{where} {root} cannot be a folder: {blocker} is a file; set TDLM_CACHE_DIR to a folder "
+                        "(default ~/.cache/tdlm)")
+    return root
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """`folder` or the nearest existing folder above it, when that is not a folder (so `folder`
+    cannot be created); else None."""
+    path = Path(folder).expanduser().absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def data_dir_candidates(path: str | None = None) -> list[Path]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tdlm.errors import DataError
+
 EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s shuffles with s * stride + e: distinct for e < stride
 
 
@@ -42,7 +44,7 @@ class GlobalBatches:
             raise ValueError(f"global_batch {global_batch} is not divisible by world_size {world_size}")
         self.batches_per_epoch = num_sequences // global_batch
         if self.batches_per_epoch == 0:
-            raise ValueError(f"only {num_sequences} {too_few}")
+            raise DataError(f"only {num_sequences} {too_few}")
         self.num_sequences, self.global_batch, self.seed = num_sequences, global_batch, seed
         self.rank, self.world_size = rank, world_size
         self.local_batch = global_batch // world_size

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import shlex
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
@@ -54,13 +52,17 @@ import torch
 
 from tdlm.data.config import DataConfig
 from tdlm.data.corpus import Corpus
-from tdlm.data.locate import DataNotFoundError
+from tdlm.data.manifest import (  # noqa: F401 - the layout's names, re-exported
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    ShardError,
+    prepare_again,
+    read_manifest,
+)
 from tdlm.data.packing import GlobalBatches
 from tdlm.data.tokenizer import Vocab, vocab_from_tokenizer
 
-FORMAT_NAME = "tdlm-shards"
-FORMAT_VERSION = 1  # bump when the layout changes; readers refuse other versions
-MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 COUNTS_FILE = "train_token_counts.npy"
 SAMPLE_FIELD = "tokens.npy"
@@ -68,47 +70,8 @@ TAR_BLOCK = 512  # a tar header, and the unit file data is padded to
 SHARD_CACHE = 2  # decoded shards kept: the one being read and its neighbour across a boundary
 
 
-class ShardError(DataNotFoundError):
-    """A prepared folder that cannot be used as asked: a missing, truncated or corrupt file, or
-    shards made for another seq_len. A DataNotFoundError, so the CLI reports it in one line."""
-
-
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
-
-
-def prepare_again(manifest: dict, directory: Path) -> str:
-    """The command that rebuilds `directory` as it was prepared."""
-    tokenizer = manifest["tokenizer"]
-    options = f"--tokenizer {tokenizer['kind']}"
-    if tokenizer["kind"] == "bpe":
-        options += f" --bpe-vocab-size {tokenizer['bpe_vocab_size']}"
-    return (
-        f"tdlm data prepare {shlex.quote(manifest['source'])} --out {shlex.quote(str(directory))} "
-        f"--seq-len {manifest['seq_len']} "
-        f"--shard-size {manifest['shard_size']} {options} --force"
-    )
-
-
-def read_manifest(directory: str | Path) -> dict:
-    """The manifest of a folder `tdlm data prepare` finished writing."""
-    directory = Path(directory).expanduser()
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
-        raise ShardError(
-            f"no {MANIFEST_FILE} in {directory}: not a prepared shard folder, or its preparation did not "
-            f"finish; run `tdlm data prepare SOURCE --out {directory} --seq-len L --shard-size S` first"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShardError(f"{path} is not valid JSON ({exc}); prepare the folder again with --force") from exc
-    if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
-        raise ShardError(
-            f"{path} is not a {FORMAT_NAME} manifest of version {FORMAT_VERSION} (found format "
-            f"{manifest.get('format')!r}, version {manifest.get('version')!r}); prepare the folder again with --force"
-        )
-    return manifest
 
 
 def check_seq_len(manifest: dict, seq_len: int, directory: str | Path) -> None:

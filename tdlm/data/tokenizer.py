@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import numbers
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tdlm.data.config import DataConfig
 from tdlm.data.locate import cache_root, file_sha256, find_gpt2_files, find_split_files, write_atomically
+from tdlm.errors import DataError
 
 END_OF_TEXT = "<|endoftext|>"
 MASK_TEXT = "<mask>"
@@ -74,7 +76,14 @@ def load_vocab(cfg: DataConfig, *, cache_dir: str | Path | None = None) -> Vocab
 
 
 def gpt2_tokenizer(vocab_path: Path, merges_path: Path) -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE.from_file(str(vocab_path), str(merges_path)))
+    try:
+        model = models.BPE.from_file(str(vocab_path), str(merges_path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a damaged file
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"the GPT-2 tokenizer files {vocab_path} and {merges_path} cannot be read ({why}): one is "
+                        "truncated or corrupt; copy them again (from the project's ../shared/data, or delete them "
+                        "to fetch them from the hub)") from exc
+    tokenizer = Tokenizer(model)
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     # Already id 50256 in vocab.json; registering it as special makes "<|endoftext|>" in a text
@@ -88,7 +97,11 @@ def trained_bpe_vocab(train_path: Path, vocab_size: int, cache_dir: str | Path |
     name = f"bpe{vocab_size}-{key[:8]}"
     cached = cache_root(cache_dir) / "tokenizers" / f"{name}.json"
     if cached.is_file():
-        return vocab_from_tokenizer(Tokenizer.from_file(str(cached)), name)
+        try:
+            return vocab_from_tokenizer(Tokenizer.from_file(str(cached)), name)
+        except Exception as exc:  # noqa: BLE001 - a damaged cache entry: train the BPE again
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            warn_rebuild(cached, why, "training the BPE again")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -102,6 +115,12 @@ def trained_bpe_vocab(train_path: Path, vocab_size: int, cache_dir: str | Path |
     tokenizer.train_from_iterator(read_lines(train_path), trainer=trainer)
     write_atomically(cached, tokenizer.to_str().encode("utf-8"))
     return vocab_from_tokenizer(tokenizer, name)
+
+
+def warn_rebuild(path: Path, why: str, what: str) -> None:
+    """A damaged cache entry: say so in one line and delete it (the caller builds it again)."""
+    print(f"tdlm: warning: the cache entry {path} is damaged ({why}); deleted it, {what}", file=sys.stderr)
+    path.unlink(missing_ok=True)
 
 
 def vocab_from_tokenizer(tokenizer: Tokenizer, name: str) -> Vocab:
@@ -145,4 +164,5 @@ def utf8_text(raw: bytes, path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text ({exc})") from exc
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it first, "
+                        "e.g. iconv -f latin1 -t utf-8") from exc
