@@ -197,6 +197,17 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
     return "; ".join(problems)
 
 
+def flatten_table(table: dict, prefix: str = "") -> dict:
+    """{"training": {"lr": 1e-3}} -> {"training.lr": 1e-3}: the dotted keys of --set."""
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(flatten_table(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'training.max_steps=20' -> (['training', 'max_steps'], 20); values are read as TOML."""
     key, sep, raw = text.partition("=")

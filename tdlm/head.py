@@ -87,6 +87,18 @@ def _logits_into(buffer: Tensor, h: Tensor, w: Tensor) -> Tensor:
     return buffer.copy_(F.linear(h, w))
 
 
+def _chunks(hidden: Tensor, w: Tensor, dtype: torch.dtype, acc: torch.dtype, sizes: dict = CHUNK_ELEMENTS):
+    """(rows, h, logits) per chunk of `hidden`: the chunk's logits in the reused buffer, autocast off
+    (the dtype was fixed once, so a backward can make exactly the same logits again)."""
+    rows = chunk_rows(w.shape[0], hidden.device, sizes)
+    buffer = _Workspace.get(min(rows, hidden.shape[0]), w.shape[0], acc, hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], rows):
+            part = slice(start, start + rows)
+            h = hidden[part].to(dtype)
+            yield part, h, _logits_into(buffer[: h.shape[0]], h, w)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """y_i = row_weight_i * CE_i, chunk by chunk.
 
@@ -99,29 +111,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, row_weight, dtype, eager):
-        rows = chunk_rows(weight.shape[0], hidden.device)
         w, acc = weight.to(dtype), _accumulate_dtype(dtype)
         ce = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         lse = torch.empty_like(ce)
         grad_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if eager else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if eager else None
-        buffer = _Workspace.get(min(rows, hidden.shape[0]), weight.shape[0], acc, hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], rows):
-                part = slice(start, start + rows)
-                h = hidden[part].to(dtype)
-                logits = _logits_into(buffer[: h.shape[0]], h, w)
-                target_logit = logits.gather(1, targets[part, None]).squeeze(1)  # before the in-place lse
-                lse[part] = _logsumexp_(logits)  # logits now holds exp(logits - max)
-                ce[part] = lse[part] - target_logit
-                if eager:
-                    probs = logits.div_(logits.sum(-1, keepdim=True))
-                    probs[torch.arange(len(probs), device=h.device), targets[part]] -= 1.0
-                    if row_weight is not None:
-                        probs.mul_(row_weight[part, None].to(acc))
-                    torch.mm(probs.to(dtype), w, out=grad_hidden[part]) if dtype == acc else \
-                        grad_hidden[part].copy_(probs.to(dtype) @ w)
-                    grad_weight.addmm_(probs.t(), h.to(acc))
+        for part, h, logits in _chunks(hidden, w, dtype, acc):
+            target_logit = logits.gather(1, targets[part, None]).squeeze(1)  # before the in-place lse
+            lse[part] = _logsumexp_(logits)  # logits now holds exp(logits - max)
+            ce[part] = lse[part] - target_logit
+            if eager:
+                probs = logits.div_(logits.sum(-1, keepdim=True))
+                probs[torch.arange(len(probs), device=h.device), targets[part]] -= 1.0
+                if row_weight is not None:
+                    probs.mul_(row_weight[part, None].to(acc))
+                grad_hidden[part] = (probs.to(dtype) @ w).to(acc)
+                grad_weight.addmm_(probs.t(), h.to(acc))
         ctx.save_for_backward(hidden, weight, targets, lse, row_weight, grad_hidden, grad_weight)
         ctx.dtype = dtype
         return ce if row_weight is None else ce * row_weight.to(acc)
@@ -137,22 +142,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def _recomputed_gradients(ctx, grad_y, hidden, weight, targets, lse, row_weight):
     """The backward for any upstream gradient: the chunks' softmax made again."""
-    dtype, rows = ctx.dtype, chunk_rows(weight.shape[0], hidden.device)
+    dtype = ctx.dtype
     w, acc = weight.to(dtype), _accumulate_dtype(dtype)
     upstream = grad_y if row_weight is None else grad_y * row_weight
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-    buffer = _Workspace.get(min(rows, hidden.shape[0]), weight.shape[0], acc, hidden.device)
-    with torch.autocast(hidden.device.type, enabled=False):
-        for start in range(0, hidden.shape[0], rows):
-            part = slice(start, start + rows)
-            h = hidden[part].to(dtype)
-            # d ce_i / d logits_i = softmax_i - onehot(target_i), times the incoming gradient
-            grad_logits = _logits_into(buffer[: h.shape[0]], h, w).sub_(lse[part, None]).exp_()
-            grad_logits[torch.arange(len(grad_logits), device=h.device), targets[part]] -= 1.0
-            grad_logits.mul_(upstream[part, None].to(acc))
-            grad_hidden[part] = (grad_logits.to(dtype) @ w).to(hidden.dtype)
-            grad_weight.addmm_(grad_logits.t(), h.to(acc))
+    for part, h, logits in _chunks(hidden, w, dtype, acc):
+        # d ce_i / d logits_i = softmax_i - onehot(target_i), times the incoming gradient
+        grad_logits = logits.sub_(lse[part, None]).exp_()
+        grad_logits[torch.arange(len(grad_logits), device=h.device), targets[part]] -= 1.0
+        grad_logits.mul_(upstream[part, None].to(acc))
+        grad_hidden[part] = (grad_logits.to(dtype) @ w).to(hidden.dtype)
+        grad_weight.addmm_(grad_logits.t(), h.to(acc))
     return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
@@ -204,20 +205,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, row_we
 @torch.no_grad()
 def linear_cross_entropy_and_argmax(hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """Evaluation: the cross-entropy [M] float32 and the argmax [M] of each row's logits, in chunks."""
-    dtype, rows = _compute_dtype(hidden), chunk_rows(weight.shape[0], hidden.device, EVAL_CHUNK_ELEMENTS)
+    dtype = _compute_dtype(hidden)
     w, acc = weight.to(dtype), _accumulate_dtype(dtype)
     ce = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
     argmax = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
-    buffer = _Workspace.get(min(rows, hidden.shape[0]), weight.shape[0], acc, hidden.device)
-    with torch.autocast(hidden.device.type, enabled=False):
-        for start in range(0, hidden.shape[0], rows):
-            part = slice(start, start + rows)
-            h = hidden[part].to(dtype)
-            logits = _logits_into(buffer[: h.shape[0]], h, w)
-            top, best = logits.max(dim=-1, keepdim=True)  # the argmax and logsumexp's shift in one pass
-            argmax[part] = best.squeeze(1)
-            target_logit = logits.gather(1, targets[part, None]).squeeze(1)
-            ce[part] = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(1)) - target_logit
+    for part, _, logits in _chunks(hidden, w, dtype, acc, EVAL_CHUNK_ELEMENTS):
+        top, best = logits.max(dim=-1, keepdim=True)  # the argmax and logsumexp's shift in one pass
+        argmax[part] = best.squeeze(1)
+        target_logit = logits.gather(1, targets[part, None]).squeeze(1)
+        ce[part] = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(1)) - target_logit
     return ce, argmax
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from tdlm.components import VocabInfo
-from tdlm.config import RecipeError, RunConfig, read_recipe, resolve_components, resolved_dict, to_toml
+from tdlm.config import (RecipeError, RunConfig, flatten_table, read_recipe, resolve_components, resolved_dict,
+                         to_toml)
 from tdlm.data.locate import file_in_the_way
 from tdlm.errors import RunError
 
@@ -203,20 +204,10 @@ decides what is trained: a change is refused."""
 MISSING = "(absent)"
 
 
-def _flatten(table: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
     """Dotted key -> (saved value, current value) for every key where two resolved configs differ
     (MISSING where one of them lacks the key), in the current config's order."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten_table(saved), flatten_table(current)
     keys = list(new) + [k for k in old if k not in new]
     return {k: (old.get(k, MISSING), new.get(k, MISSING)) for k in keys if old.get(k, MISSING) != new.get(k, MISSING)}
 

@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from tdlm.config import (
     RecipeError,
     RunConfig,
+    flatten_table,
     format_validation_error,
     read_recipe,
     read_toml,
@@ -166,9 +167,9 @@ def _validate_spec(raw: dict, path: Path) -> SweepFile:
     raw = dict(raw)
     for table in ("fixed", "grid"):  # unquoted dotted keys (training.lr = ...) arrive nested
         if isinstance(raw.get(table), dict):
-            raw[table] = _flatten(raw[table])
+            raw[table] = flatten_table(raw[table])
     if isinstance(raw.get("zip"), list):
-        raw["zip"] = [_flatten(z) if isinstance(z, dict) else z for z in raw["zip"]]
+        raw["zip"] = [flatten_table(z) if isinstance(z, dict) else z for z in raw["zip"]]
     try:
         spec = SweepFile.model_validate(raw)
     except ValidationError as exc:
@@ -192,16 +193,6 @@ def _validate_spec(raw: dict, path: Path) -> SweepFile:
         if set(axis) == {"labels"}:
             raise SweepError(f"{path}: [[zip]] number {i + 1} has labels but no keys")
     return spec
-
-
-def _flatten(table: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _axes(spec: SweepFile) -> list[list[tuple[str, list[tuple[str, Any]]]]]:
