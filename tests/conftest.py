@@ -104,3 +104,18 @@ def exact_denoiser():
 @pytest.fixture(scope="session")
 def exact_next_token():
     return ExactNextToken
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The toy text corpus (train/valid/test.txt), written once per test module."""
+    from toydata import write_toy_corpus
+
+    return write_toy_corpus(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.fixture
+def toy_cache(tmp_path_factory, monkeypatch):
+    """Token and tokenizer caches in the session's temporary folder, not the user's."""
+    monkeypatch.setenv("TDLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+

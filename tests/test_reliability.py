@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from toydata import toy_recipe, write_toy_corpus
+from toydata import toy_recipe
 
 from tdlm import checkpoint as ckpt
 from tdlm import monitor
@@ -28,14 +28,9 @@ from tdlm.train import Trainer, TrainingDiverged
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_toy_corpus(tmp_path_factory.mktemp("toy"))
-
-
 @pytest.fixture(autouse=True)
-def cache_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TDLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+def cache_dir(toy_cache):
+    """Every test here keeps its caches in the session's temporary folder (conftest)."""
 
 
 def invoke(*args):
