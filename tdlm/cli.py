@@ -143,7 +143,8 @@ def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, t_s
         objective.config = objective.config.model_copy(update={"eval_schedule": t_schedule})
     if source is not None:
         texts = (str(held_out_file(source)),)
-    streams = [(f"text:{Path(f).name}", f, text_file_tokens(f, corpus.vocab)) for f in texts] or \
+    streams = [(f"text:{Path(f).name}", f, text_file_tokens(f, corpus.vocab, documents=cfg.data.documents))
+               for f in texts] or \
               [(split, None, corpus.splits[split])]
     results = []
     for name, origin, tokens in streams:
@@ -253,6 +254,13 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
 
     check_sampler_fits(loaded.components["sampler"][0], loaded.components["objective"][0])
     vocab, cfg, built_sampler = loaded.corpus.vocab, loaded.cfg, loaded.built.sampler
+    if stop_at_eos:
+        from tdlm.runs import vocab_info
+
+        if vocab_info(loaded.corpus).token_counts[vocab.bos_id] == 0:
+            _fail(f"--stop-at-eos: the model in {run_dir} never saw an end-of-text token in training (data.documents = "
+                  f"{cfg.data.documents!r} and the text holds no <|endoftext|>), so it cannot know where a text ends; "
+                  "train with data.documents = 'wikitext-titles' (WikiText) or 'blank-lines' (a text folder)")
     if stop_at_eos and "stop_at_eos" in type(built_sampler).Config.model_fields:  # e.g. ar: fewer calls
         built_sampler.config = built_sampler.config.model_copy(update={"stop_at_eos": True})
     ids = _canvas_ids(vocab, prompt=prompt, template=template, length=length, seq_len=cfg.data.seq_len)
@@ -486,15 +494,18 @@ def data():
               help="Vocabulary of the BPE trained on the train split (--tokenizer bpe).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder holding wikitext-2/ and gpt2/ (default: $TDLM_DATA_DIR or ../shared/data).")
+@click.option("--documents", type=click.Choice(["as-is", "wikitext-titles", "blank-lines"]), default="as-is",
+              show_default=True, help="Where an end-of-text token ends a document (as the recipe key data.documents).")
 @click.option("--force", is_flag=True, help="Replace the shards of an earlier prepare in --out.")
-def prepare(source, out_dir, seq_len, shard_size, tokenizer, bpe_vocab_size, data_dir, force):
+def prepare(source, out_dir, seq_len, shard_size, tokenizer, bpe_vocab_size, data_dir, documents, force):
     """Tokenise SOURCE (a folder with train.txt/valid.txt/test.txt, `wikitext2`, or
     hf:NAME[:CONFIG]) and write webdataset shards, a manifest and the tokenizer to --out."""
     from tdlm.data import DataNotFoundError, prepare_shards
 
     try:
         manifest = prepare_shards(source, out_dir, seq_len=seq_len, shard_size=shard_size, tokenizer=tokenizer,
-                                  bpe_vocab_size=bpe_vocab_size, data_dir=data_dir, force=force)
+                                  bpe_vocab_size=bpe_vocab_size, data_dir=data_dir, documents=documents,
+                                  force=force)
     except (DataNotFoundError, FileExistsError, ValueError) as exc:
         _fail(str(exc))
     for split, entry in manifest["splits"].items():

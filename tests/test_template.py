@@ -103,14 +103,17 @@ def test_ar_sampler_stops_calling_the_model_once_every_row_has_ended(build, exac
 # --- the command line -------------------------------------------------------------------------
 
 
-def train_tiny(tmp_path_factory, objective: str):
-    """A tiny run of `objective`, trained for 2 steps; yielded with the test cache directory set."""
+def train_tiny(tmp_path_factory, objective: str, documents: str = "blank-lines"):
+    """A tiny run of `objective` on paragraphs of toy text, trained for 2 steps; yielded with the
+    test cache directory set."""
     root = tmp_path_factory.mktemp("sample")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TDLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-        recipe = toy_recipe(root / "r.toml", write_toy_corpus(root / "corpus"), root / "runs", objective=objective)
+        corpus = write_toy_corpus(root / "corpus", paragraph=5)
+        recipe = toy_recipe(root / "r.toml", corpus, root / "runs", objective=objective)
         result = CliRunner().invoke(cli, ["run", str(recipe), "--set", "training.max_steps=2",
-                                          "--set", "eval.final_splits=[]", "--set", "eval.sample_num=0"])
+                                          "--set", "eval.final_splits=[]", "--set", "eval.sample_num=0",
+                                          "--set", f"data.documents={documents}"])
         assert result.exit_code == 0, result.output
         yield root / "runs" / "r"
 
@@ -171,6 +174,14 @@ def test_stop_at_eos_cuts_the_text_and_reaches_the_ar_sampler(trained, trained_a
     sample_json(trained_ar, "--template", "the<mask:2> .", "--sampler", "ar", "--stop-at-eos", "--num", "1")
     sample_json(trained_ar, "--template", "the<mask:2> .", "--sampler", "ar", "--num", "1")
     assert seen == [True, False]
+
+
+def test_stop_at_eos_is_refused_for_a_model_that_never_saw_an_end_of_text(tmp_path_factory):
+    for run_dir in train_tiny(tmp_path_factory, "ar", documents="as-is"):
+        result = CliRunner().invoke(cli, ["sample", str(run_dir), "--stop-at-eos", "--prompt", "the cat"])
+        assert result.exit_code == 2 and "never saw an end-of-text token" in result.output, result.output
+        assert "data.documents = 'wikitext-titles'" in result.output
+        assert CliRunner().invoke(cli, ["sample", str(run_dir), "--prompt", "the cat"]).exit_code == 0
 
 
 @pytest.mark.parametrize("args, message", [

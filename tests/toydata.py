@@ -11,13 +11,17 @@ VERBS = ["likes", "sees", "plays with", "walks to", "follows", "paints", "finds"
 OBJECTS = ["the ball", "a garden", "the old house", "an apple", "the bright sun", "a song", "the city"]
 
 
-def write_toy_corpus(folder: Path, *, train_lines: int = 600, seed: int = 0) -> Path:
-    """train.txt / valid.txt / test.txt of simple generated sentences (a few KB each)."""
+def write_toy_corpus(folder: Path, *, train_lines: int = 600, seed: int = 0, paragraph: int | None = None) -> Path:
+    """train.txt / valid.txt / test.txt of simple generated sentences (a few KB each); with
+    `paragraph`, a blank line after every that many sentences (documents for data.documents =
+    'blank-lines')."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for split, lines in (("train", train_lines), ("valid", 80), ("test", 80)):
         text = "".join(
-            f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} .\n" for _ in range(lines)
+            f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} .\n"
+            + ("\n" if paragraph and (i + 1) % paragraph == 0 else "")
+            for i in range(lines)
         )
         (folder / f"{split}.txt").write_text(text)
     return folder

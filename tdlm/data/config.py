@@ -23,9 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 FORMATS = ("text", "webdataset")
 DATASETS = ("wikitext2", "text")
 TOKENIZERS = ("gpt2", "bpe")
+# How documents are marked in the token stream (tdlm.data.documents).
+DOCUMENTS = ("as-is", "wikitext-titles", "blank-lines")
 # Settings that a webdataset folder fixes in its manifest: taken from it when the run starts
 # (tdlm.data.manifest.data_from_manifest).
-MANIFEST_FIELDS = ("dataset", "tokenizer", "bpe_vocab_size")
+MANIFEST_FIELDS = ("dataset", "tokenizer", "bpe_vocab_size", "documents")
 # Settings that shards cannot honour: a recipe must leave them unset.
 NOT_FOR_SHARDS = ("max_train_tokens",)
 
@@ -55,11 +57,16 @@ class DataConfig(BaseModel):
     """Tokens per training sequence; the token stream is cut into sequences of this length."""
     max_train_tokens: int | None = Field(None, ge=1)
     """Keep only the first this many train tokens (quick runs); valid/test are never cut."""
+    documents: str = "as-is"
+    """Where an end-of-text token ends a document, in every split: 'as-is' (only where the text
+    has a literal <|endoftext|>), 'wikitext-titles' (after each WikiText article: an article
+    starts at a ` = Title = ` line) or 'blank-lines' (after each run of text that blank lines
+    separate). A model learns to stop (`tdlm sample --stop-at-eos`) only from marked documents."""
 
-    @field_validator("format", "dataset", "tokenizer")
+    @field_validator("format", "dataset", "tokenizer", "documents")
     @classmethod
     def _known_choice(cls, value: str, info) -> str:
-        allowed = {"format": FORMATS, "dataset": DATASETS, "tokenizer": TOKENIZERS}[info.field_name]
+        allowed = {"format": FORMATS, "dataset": DATASETS, "tokenizer": TOKENIZERS, "documents": DOCUMENTS}[info.field_name]
         if value not in allowed:
             raise ValueError(f"unknown {info.field_name} {value!r}; allowed: {', '.join(map(repr, allowed))}")
         return value

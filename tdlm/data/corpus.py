@@ -1,8 +1,9 @@
 """Token streams of the train/valid/test splits: tokenised once, then loaded from a .npy cache.
 
 How text becomes a stream: each line is tokenised with its trailing "\\n" and the lines' ids are
-concatenated in file order, with no separator or end-of-text token added, so the stream decodes
-back to the file byte for byte. Per line, `encode_batch` can use every core; on WikiText-2 with
+concatenated in file order, so the stream decodes back to the file byte for byte; with
+`data.documents` other than 'as-is', an end-of-text token also ends each document
+(tdlm.data.documents). Per line, `encode_batch` can use every core; on WikiText-2 with
 GPT-2 the ids equal those of tokenising each whole file at once (train 2,448,382, valid
 258,659, test 295,877 tokens, the data README's counts). A literal "<|endoftext|>" in a text
 file becomes the end-of-text id, so documents of a "text" dataset can be separated with it.
@@ -19,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tdlm.data.config import DataConfig
+from tdlm.data.documents import document_ends, insert_end_of_text
 from tdlm.errors import TdlmError
 from tdlm.data.locate import cache_root, find_split_files, write_atomically
 from tdlm.data.tokenizer import Vocab, load_vocab, split_lines, utf8_text, warn_rebuild
@@ -58,7 +60,8 @@ def load_corpus(cfg: DataConfig, *, cache_dir: str | Path | None = None, progres
     files = find_split_files(cfg, cache_dir)
     vocab = load_vocab(cfg, cache_dir=cache_dir)
     splits = {
-        split: cached_tokens(path, vocab, tokenizer_hash(vocab), cache_dir=cache_dir, progress=progress)
+        split: cached_tokens(path, vocab, tokenizer_hash(vocab), cache_dir=cache_dir, progress=progress,
+                             documents=cfg.documents)
         for split, path in files.items()
     }
     if cfg.max_train_tokens is not None:
@@ -72,12 +75,15 @@ def tokenizer_hash(vocab: Vocab) -> str:
 
 
 def cached_tokens(
-    path: Path, vocab: Vocab, tokenizer_hash: str, *, cache_dir: str | Path | None = None, progress: bool = True
+    path: Path, vocab: Vocab, tokenizer_hash: str, *, cache_dir: str | Path | None = None, progress: bool = True,
+    documents: str = "as-is",
 ) -> np.ndarray:
-    """Tokens of the text file at `path`, from the cache when the same file content was already
-    tokenised by the same tokenizer."""
+    """Tokens of the text file at `path` (documents marked by the rule `documents`), from the
+    cache when the same file content was already tokenised by the same tokenizer and rule."""
     raw = path.read_bytes()
     parts = [str(CACHE_FORMAT).encode(), hashlib.sha256(raw).digest(), tokenizer_hash.encode()]
+    if documents != "as-is":  # (as-is keys stay those of caches written before the rule existed)
+        parts.append(documents.encode())
     key = hashlib.sha256(b"\n".join(parts))
     cached = cache_root(cache_dir) / "tokens" / f"{path.stem}-{vocab.name}-{key.hexdigest()[:16]}.npy"
     if cached.is_file():
@@ -85,7 +91,8 @@ def cached_tokens(
         if tokens is not None:
             return tokens
     lines = split_lines(utf8_text(raw, path))
-    tokens = tokenize_lines(vocab, lines, desc=f"tokenising {path.name}", progress=progress)
+    tokens = tokenize_lines(vocab, lines, desc=f"tokenising {path.name}", progress=progress,
+                            ends=document_ends(lines, documents))
     buffer = io.BytesIO()
     np.save(buffer, tokens)
     write_atomically(cached, buffer.getvalue())
@@ -107,14 +114,17 @@ def read_cached_tokens(cached: Path, vocab: Vocab) -> np.ndarray | None:
         return None
 
 
-def tokenize_lines(vocab: Vocab, lines: list[str], *, desc: str = "tokenising", progress: bool = True) -> np.ndarray:
-    """The lines' ids, concatenated, as int32."""
+def tokenize_lines(vocab: Vocab, lines: list[str], *, desc: str = "tokenising", progress: bool = True,
+                   ends: list[int] = ()) -> np.ndarray:
+    """The lines' ids, concatenated, as int32, with an end-of-text id before each line index in
+    `ends` (tdlm.data.documents.document_ends)."""
     pieces = []
     with tqdm(total=len(lines), unit="line", desc=desc, disable=not progress) as bar:
         for start in range(0, len(lines), ENCODE_CHUNK_LINES):
             chunk = lines[start : start + ENCODE_CHUNK_LINES]
             pieces += [np.asarray(e.ids, dtype=np.int32) for e in vocab.tokenizer.encode_batch(chunk)]
             bar.update(len(chunk))
+    pieces = insert_end_of_text(pieces, list(ends), vocab.bos_id)
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 
 
@@ -123,9 +133,10 @@ class TextFileError(TdlmError):
 
 
 def text_file_tokens(path: str | Path, vocab: Vocab, *, cache_dir: str | Path | None = None,
-                     progress: bool = False) -> np.ndarray:
+                     progress: bool = False, documents: str = "as-is") -> np.ndarray:
     """The tokens of any UTF-8 text file, exactly as a split with the same content is tokenised
-    (the same lines, the same cache), for scoring text a model was not trained on."""
+    (the same lines, documents marked by the same rule, the same cache), for scoring text a
+    model was not trained on."""
     path = Path(path)
     if not path.is_file():
         raise TextFileError(f"{path}: no such file (give a UTF-8 text file to score)")
@@ -139,4 +150,5 @@ def text_file_tokens(path: str | Path, vocab: Vocab, *, cache_dir: str | Path | 
     except UnicodeDecodeError as exc:
         raise TextFileError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
                             "convert it first, e.g. iconv -f latin1 -t utf-8") from exc
-    return cached_tokens(path, vocab, tokenizer_hash(vocab), cache_dir=cache_dir, progress=progress)
+    return cached_tokens(path, vocab, tokenizer_hash(vocab), cache_dir=cache_dir, progress=progress,
+                         documents=documents)

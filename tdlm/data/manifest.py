@@ -41,6 +41,8 @@ def prepare_again(manifest: dict, directory: Path) -> str:
     options = f"--tokenizer {kind}"
     if kind == "bpe":
         options += f" --bpe-vocab-size {tokenizer.get('bpe_vocab_size', 'N')}"
+    if manifest.get("documents", "as-is") != "as-is":
+        options += f" --documents {manifest['documents']}"
     source = manifest.get("source")
     return (
         f"tdlm data prepare {shlex.quote(source) if isinstance(source, str) else 'SOURCE'} "
@@ -94,13 +96,16 @@ def read_manifest(directory: str | Path) -> dict:
 
 
 def manifest_data_settings(manifest: dict) -> dict:
-    """The [data] settings a prepared folder fixes: its corpus kind and its tokenizer."""
+    """The [data] settings a prepared folder fixes: its corpus kind, its tokenizer and how its
+    documents are marked."""
     tokenizer = manifest["tokenizer"]
     bpe = tokenizer["kind"] == "bpe" and isinstance(tokenizer.get("bpe_vocab_size"), int)
     return {
         "dataset": "wikitext2" if manifest["source"] == "wikitext2" else "text",
         "tokenizer": tokenizer["kind"],
         "bpe_vocab_size": tokenizer["bpe_vocab_size"] if bpe else DataConfig.model_fields["bpe_vocab_size"].default,
+        # Folders prepared before documents could be marked hold the text as it is.
+        "documents": manifest.get("documents", "as-is"),
     }
 
 

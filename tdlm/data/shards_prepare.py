@@ -65,6 +65,7 @@ def prepare_shards(
     tokenizer: str = "gpt2",
     bpe_vocab_size: int = 4096,
     data_dir: str | Path | None = None,
+    documents: str = "as-is",
     force: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = True,
@@ -88,7 +89,8 @@ def prepare_shards(
     write_atomically(out / TOKENIZER_FILE, tokenizer_json)
     splits = {}
     for split, path in files.items():
-        tokens = cached_tokens(path, vocab, tokenizer_hash, cache_dir=cache_dir, progress=progress)
+        tokens = cached_tokens(path, vocab, tokenizer_hash, cache_dir=cache_dir, progress=progress,
+                               documents=documents)
         splits[split] = write_split(out, split, tokens, seq_len, shard_size, progress=progress)
         splits[split]["bytes"] = path.stat().st_size  # the file is the split's UTF-8 text
         if split == "train":
@@ -101,6 +103,7 @@ def prepare_shards(
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "source": source_name,
+        "documents": documents,
         "seq_len": seq_len,
         "shard_size": shard_size,
         "sample_field": SAMPLE_FIELD,
