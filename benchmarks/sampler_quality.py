@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from tdlm.geneval import GenEval, GenEvalError, jsonable, write_report
+from tdlm.report import spaced_ticks
 
 THRESHOLD_TAUS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.5)
 DRAFT_STEPS = 4  # speculative: chain steps proposed per round
@@ -160,6 +161,22 @@ PANELS = [("gen_ppl", "generative perplexity"), ("unigram_entropy_bits", "unigra
           ("repetition_rate", "adjacent repeated-token rate"), ("unseen_bigram_share", "unseen-bigram share")]
 
 
+MARKERS = "osD^vP*X"
+LINESTYLES = ["-", "--", "-.", ":"]
+
+
+def sampler_lines(rows: list[dict], key: str) -> list[tuple[str, list[tuple]]]:
+    """(legend label, sorted (NFE, value) points) per sampler for one panel. A sampler whose
+    points equal an earlier one's says so in its label: drawn on top, it would hide that one."""
+    lines = []
+    for name in dict.fromkeys(r["sampler"] for r in rows):
+        points = sorted((r["nfe"], r[key]) for r in rows if r["sampler"] == name and r.get(key) is not None)
+        if points:
+            same = [label for label, other in lines if other == points]
+            lines.append((f"{name} (same points as {same[0]})" if same else name, points))
+    return lines
+
+
 def plot(rows: list[dict], data: dict, path: Path) -> None:
     import matplotlib
 
@@ -167,19 +184,22 @@ def plot(rows: list[dict], data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
     for ax, (key, title) in zip(axes.flat, PANELS):
-        for i, name in enumerate(samplers):
-            points = sorted((r["nfe"], r[key]) for r in rows if r["sampler"] == name and r.get(key) is not None)
-            if points:
-                ax.plot(*zip(*points), marker="o", ms=4, label=name, color=f"C{i}")
+        lines = sampler_lines(rows, key)
+        for i, (label, points) in enumerate(lines):
+            # Each sampler its own marker and dash, later ones smaller: coinciding points stay visible.
+            ax.plot(*zip(*points), marker=MARKERS[i % len(MARKERS)], ms=max(3, 9 - 1.5 * i), mfc="none",
+                    linestyle=LINESTYLES[i % len(LINESTYLES)], label=label, color=f"C{i}")
         if data.get(key) is not None:
             ax.axhline(data[key], color="gray", ls="--", label="held-out text")
         ax.set_xscale("log")
+        ticks = spaced_ticks(sorted({r["nfe"] for r in rows}))  # the NFEs run, labelled plainly
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         if key == "gen_ppl":
             ax.set_yscale("log")
         ax.set(xlabel="NFE (network calls)", title=title)
-    axes.flat[0].legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

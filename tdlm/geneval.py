@@ -274,13 +274,16 @@ def plot_report(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_h, ax_kl, ax_bar) = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, (ax_h, ax_kl, ax_bar) = plt.subplots(1, 3, figsize=(14, 4.2))
     curve = result.get("frequency_collapse")
     if curve:
         ax_h.plot(curve["distance"], curve["entropy"], label="H(mu)")
         ax_h.axhline(curve["unigram_entropy"], color="gray", ls="--", label="H(train unigram)")
         ax_kl.plot(curve["distance"], curve["kl_to_unigram"], color="C1")
-        ax_h.legend(fontsize=8)
+        entropy_top, kl_top = collapse_limits(curve)
+        ax_h.set_ylim(0, entropy_top)
+        ax_kl.set_ylim(0, kl_top)
+        ax_h.legend(fontsize=8, loc="lower right")
         ax_h.set_title(f"frequency collapse ({curve['prompt_tokens']}-token prompt)", fontsize=10)
     else:
         for ax in (ax_h, ax_kl):
@@ -296,8 +299,7 @@ def plot_report(result: dict, path) -> None:
     ax_bar.set_xticks(x, [name for _, name in BAR_METRICS], fontsize=8)
     ax_bar.set_ylim(0, 1.2)
     ax_bar.legend(fontsize=8, ncol=2, loc="upper center")
-    ppl = result.get("gen_ppl")
-    ax_bar.set_title(f"gen ppl {ppl:.1f}" if ppl is not None else "gen ppl: no reference", fontsize=10)
+    ax_bar.set_title(gen_ppl_title(result), fontsize=10)
     tps = result.get("tokens_per_s")
     fig.suptitle(f"{result['sampler']} {_short_options(result['options'])}: NFE {result['nfe']}, "
                  f"{tps or float('nan'):.0f} tokens/s, entropy {result['unigram_entropy_bits']:.2f} bits "
@@ -305,6 +307,24 @@ def plot_report(result: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def collapse_limits(curve: dict) -> tuple[float, float]:
+    """Tops of the frequency-collapse panels, whose bottoms are 0: a collapse is a fall towards
+    0 bits of entropy (and a rise of the KL), so a flat curve must look flat, not be stretched
+    over its noise."""
+    entropy_top = 1.1 * max([*curve["entropy"], curve["unigram_entropy"]])
+    kl_top = max(1.1 * max(curve["kl_to_unigram"]), 0.1 * curve["unigram_entropy"])
+    return entropy_top, kl_top
+
+
+def gen_ppl_title(result: dict) -> str:
+    """The generative perplexity of the samples beside that of held-out text under the same
+    reference (what a sampler's figure is to be read against)."""
+    ppl, data_ppl = result.get("gen_ppl"), (result.get("data") or {}).get("gen_ppl")
+    if ppl is None:
+        return "gen ppl: no reference"
+    return f"gen ppl {ppl:.1f}" + (f" (held-out text {data_ppl:.1f})" if data_ppl is not None else "")
 
 
 def _short_options(options: dict) -> str:

@@ -25,7 +25,8 @@ from tdlm.monitor import read_metrics
 SPLITS = ("valid", "test")
 Z95 = 1.96
 # The config sections two runs may differ in and still be the same experiment for the other
-# objective: a diffusion run and its AR twin form one group (one colour in the plots).
+# objective: a diffusion run and its AR twin form one group (one shade in the plots: blue for
+# diffusion, red for AR, darker for later groups).
 OBJECTIVE_SECTIONS = ("run", "objective", "sampler", "schedule", "corruption")
 OBJECTIVE_WORD = re.compile(r"(^|[-_])(diffusion|ar)(?=$|[-_])")
 
@@ -120,9 +121,15 @@ class Run:
 
     @property
     def group_label(self) -> str:
-        """The run's name without the objective in it: diffusion-ep5 and ar-ep5 -> ep5."""
-        label = OBJECTIVE_WORD.sub("", Path(self.name).name).strip("-_")
-        return label or Path(self.name).name
+        """The run's name without the objective in it: diffusion-ep5 and ar-ep5 -> ep5 (and
+        "" for runs named just diffusion or ar)."""
+        return OBJECTIVE_WORD.sub("", Path(self.name).name).strip("-_")
+
+    @property
+    def legend_label(self) -> str:
+        """What the run is in a legend: its group and objective, each said once."""
+        what = f"{self.objective} (NELBO, a bound)" if self.is_diffusion else "ar (exact NLL)"
+        return f"{self.group_label}: {what}" if self.group_label else what
 
 
 # -- finding and reading runs ----------------------------------------------------------------
@@ -298,12 +305,12 @@ def plot_curves(runs: list[Run], path: Path) -> Path | None:
     if not drawn:
         return None
     plt = _pyplot()
-    colours = _group_colours(drawn)
+    colours = run_colours(drawn)
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for run in drawn:
         tokens, nll = run.curve()
-        ax.plot(tokens, nll, linestyle="--" if run.is_diffusion else "-", marker=".", color=colours[run.key()],
-                label=f"{run.group_label} {run.objective}")
+        ax.plot(tokens, nll, linestyle="--" if run.is_diffusion else "-", marker=".", color=colours[run.name],
+                label=run.legend_label)
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("nats / token")
     ax.set_title("Validation NELBO (diffusion, dashed: an upper bound) and NLL (AR, solid)\n"
@@ -327,7 +334,8 @@ def plot_final(runs: list[Run], path: Path, *, x: str) -> Path | None:
         return None  # no line to draw: nothing varies along x within a series
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.5), squeeze=False)
-    colours = {key: f"C{i}" for i, key in enumerate(sorted({k for _, k in series}))}
+    # A series is one line: its first run stands for it in the colours and the legend.
+    colours = run_colours([members[0] for _, members in sorted(series.items())])
     for ax, split in zip(axes[0], splits):
         for (objective, key), members in sorted(series.items()):
             points = sorted((value(r), r.final(split)) for r in members if r.final(split))
@@ -337,12 +345,11 @@ def plot_final(runs: list[Run], path: Path, *, x: str) -> Path | None:
             ys = [p[1]["nll_per_token"] for p in points]
             errors = [Z95 * p[1].get("stderr", 0.0) for p in points]
             label = objective + (" (NELBO, a bound)" if objective != "ar" else " (exact NLL)")
-            label += f" [{members[0].group_label}]" if len(colours) > 1 else ""
+            label += f" [{series_label(members)}]" if len(series) > len({o for o, _ in series}) else ""
             ax.errorbar(xs, ys, yerr=errors, capsize=3, marker="o" if objective != "ar" else "s",
-                        linestyle="--" if objective != "ar" else "-", color=colours[key] if len(colours) > 1
-                        else ("C0" if objective != "ar" else "C3"), label=label)
+                        linestyle="--" if objective != "ar" else "-", color=colours[members[0].name], label=label)
         ax.set_xscale("log")
-        ticks = sorted({value(r) for r in finished})  # label the values run, not powers of ten
+        ticks = spaced_ticks(sorted({value(r) for r in finished}))  # label the values run, not powers of ten
         ax.set_xticks(ticks, [_number(t) if x == "epochs" else _count(t) for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel("epochs (passes over the unique train tokens)" if x == "epochs" else "non-embedding parameters")
@@ -369,9 +376,34 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def _group_colours(runs: list[Run]) -> dict[str, str]:
-    keys = list(dict.fromkeys(r.key() for r in runs))
-    return {key: f"C{i % 10}" for i, key in enumerate(keys)}
+def run_colours(runs: list[Run]) -> dict[str, tuple]:
+    """A colour per run name: blue shades for diffusion, red shades for AR, one shade per group
+    (twins share the shade, not the hue), darker for later groups, so both the objective and
+    the order of a sweep can be read off a line."""
+    from matplotlib import colormaps
+
+    groups = list(dict.fromkeys(r.key() for r in runs))
+    shade = {key: 0.85 if len(groups) == 1 else 0.4 + 0.55 * i / (len(groups) - 1) for i, key in enumerate(groups)}
+    return {r.name: tuple(colormaps["Blues" if r.is_diffusion else "Reds"](shade[r.key()])) for r in runs}
+
+
+def series_label(members: list[Run]) -> str:
+    """A final-value line's name: its runs' common group name (their names without the
+    objective and without what varies along the line)."""
+    labels = sorted({r.group_label for r in members})
+    return (labels[0] if len(labels) == 1 else os.path.commonprefix(labels).rstrip("-_")) or "runs"
+
+
+def spaced_ticks(values: list[float], *, min_ratio: float = 1.25) -> list[float]:
+    """Tick positions on a log axis, dropping a value too close to the previous kept one for
+    its label to fit beside it (the first and the last are always kept)."""
+    if len(values) <= 2:
+        return values
+    kept = [values[0]]
+    for value in values[1:-1]:
+        if value / kept[-1] >= min_ratio and values[-1] / value >= min_ratio:
+            kept.append(value)
+    return kept + [values[-1]]
 
 
 # -- the whole report ------------------------------------------------------------------------

@@ -225,7 +225,7 @@ def test_sampler_counters_are_averaged_over_batches():
     assert output_counters(outs) == {"nfe": 5, "stats": {"draft_calls": 8, "acceptance_rate": 0.75, "rows": [1, 2]}}
 
 
-def test_sampler_quality_benchmark_runs_and_checks_the_threshold_target(runs, tmp_path, capsys):
+def sampler_quality_module():
     import importlib.util
     from pathlib import Path
 
@@ -233,6 +233,22 @@ def test_sampler_quality_benchmark_runs_and_checks_the_threshold_target(runs, tm
     spec = importlib.util.spec_from_file_location("sampler_quality", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_a_sampler_line_hidden_under_an_identical_one_says_so():
+    bench = sampler_quality_module()
+    rows = [{"sampler": "ancestral", "nfe": 16, "gen_ppl": 90.0}, {"sampler": "ancestral", "nfe": 128, "gen_ppl": 80.0},
+            {"sampler": "confidence", "nfe": 16, "gen_ppl": 120.0},
+            {"sampler": "remdm", "nfe": 128, "gen_ppl": 80.0}, {"sampler": "remdm", "nfe": 16, "gen_ppl": 90.0},
+            {"sampler": "threshold", "nfe": 9, "gen_ppl": None}]
+    assert bench.sampler_lines(rows, "gen_ppl") == [
+        ("ancestral", [(16, 90.0), (128, 80.0)]), ("confidence", [(16, 120.0)]),
+        ("remdm (same points as ancestral)", [(16, 90.0), (128, 80.0)])]
+
+
+def test_sampler_quality_benchmark_runs_and_checks_the_threshold_target(runs, tmp_path, capsys):
+    bench = sampler_quality_module()
     target, reference = runs
     code = bench.main([str(target), "--reference", str(reference), "--samplers", "ancestral,confidence,threshold",
                        "--steps", "12,3", "--length", "12", "--num", "2", "--out", str(tmp_path), "--device", "cpu"])
@@ -246,3 +262,15 @@ def test_sampler_quality_benchmark_runs_and_checks_the_threshold_target(runs, tm
     assert (tmp_path / "sampler_quality.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list((tmp_path / "settings").glob("*.json"))) == len(rows)
     assert "target (<= 10% gen ppl" in capsys.readouterr().out
+
+
+def test_collapse_panels_start_at_zero_and_the_title_gives_the_held_out_gen_ppl():
+    from tdlm.geneval import collapse_limits, gen_ppl_title
+
+    flat = {"entropy": [5.31, 5.33, 5.32], "unigram_entropy": 6.0, "kl_to_unigram": [0.001, 0.002]}
+    entropy_top, kl_top = collapse_limits(flat)
+    assert entropy_top == pytest.approx(6.6) and kl_top == pytest.approx(0.6)  # noise stays small on the page
+    assert collapse_limits({**flat, "kl_to_unigram": [2.0, 3.0]})[1] == pytest.approx(3.3)
+    assert gen_ppl_title({"gen_ppl": 91.04, "data": {"gen_ppl": 60.55}}) == "gen ppl 91.0 (held-out text 60.5)"
+    assert gen_ppl_title({"gen_ppl": 91.04, "data": {}}) == "gen ppl 91.0"
+    assert gen_ppl_title({"gen_ppl": None}) == "gen ppl: no reference"

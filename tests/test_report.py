@@ -150,3 +150,31 @@ def test_reads_the_trainers_own_files(tmp_path):
         pytest.skip("no trained quick_wikitext2 run here")
     markdown, _ = write_report([real], tmp_path)
     assert "| quick_wikitext2 | diffusion | finished |" in markdown
+
+
+def test_twins_differ_in_hue_and_groups_in_shade_and_labels_say_each_word_once(tmp_path, sweep_dir):
+    from tdlm.report import run_colours
+
+    for name, objective in (("diffusion", "diffusion"), ("ar", "ar")):
+        fabricate_run(tmp_path / "pair" / name, objective=objective, epochs=1, test_nll=5.0)
+    twins = {r.name: r for r in find_runs([tmp_path / "pair"])}
+    labels = [run.legend_label for run in twins.values()]
+    assert sorted(labels) == ["ar (exact NLL)", "diffusion (NELBO, a bound)"]
+    colours = run_colours(list(twins.values()))
+    blue, red = colours["diffusion"], colours["ar"]
+    assert blue[2] > blue[0] and red[0] > red[2]  # diffusion blue, AR red: twins never share a colour
+
+    runs = find_runs([tmp_path / "pair"]) + find_runs([sweep_dir])
+    colours = run_colours(runs)
+    assert len(set(colours.values())) == len({(r.key(), r.is_diffusion) for r in runs})
+    for run in runs:
+        words = run.legend_label.replace(":", " ").replace("(", " ").split()
+        assert words.count(run.objective) == 1, run.legend_label
+
+
+def test_close_tick_values_are_thinned_so_their_labels_do_not_overlap():
+    from tdlm.report import spaced_ticks
+
+    assert spaced_ticks([1, 4, 16, 64]) == [1, 4, 16, 64]
+    assert spaced_ticks([1_000_000, 1_050_000, 1_100_000, 2_000_000, 2_010_000]) == [1_000_000, 2_010_000]
+    assert spaced_ticks([1, 1.1, 3, 9, 9.5]) == [1, 3, 9.5]
