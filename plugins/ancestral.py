@@ -11,11 +11,17 @@ from tdlm.grids import time_grid
 
 
 class AncestralSampler(Sampler):
+    """The model's own reverse chain: from t = 1 (all masked) to 0 in `steps` steps, each masked
+    position unmasking with the reverse-process probability and its token drawn from the
+    denoiser (docs/maths.md, samplers). `nfe` counts the real forward passes."""
+
     class Config(ComponentConfig):
         steps: int = Field(128, ge=1)
         """Number of reverse steps (denoiser calls at most)."""
         grid: Literal["uniform", "cosine"] = "uniform"
+        """The time grid t_0 = 1 > ... > t_T = 0: uniform steps, or cosine (finer near t = 0)."""
         temperature: float = Field(1.0, gt=0.0)
+        """Divides the denoiser's logits before the tokens are drawn; 1.0 is the model's own chain."""
 
     @torch.no_grad()
     def sample(self, net, canvas, generator, *, positions=None):

@@ -8,6 +8,8 @@ from tdlm.head import all_positions_scores
 
 
 class AutoregressiveObjective(Objective):
+    """Next-token cross-entropy under a causal mask: training loss and exact NLL."""
+
     causal = True
     default_sampler = "ar"
 

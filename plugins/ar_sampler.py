@@ -22,10 +22,15 @@ def filter_probs(probs: torch.Tensor, top_k: int | None, top_p: float | None) ->
 
 
 class AutoregressiveSampler(Sampler):
+    """Left to right, one token per model call, from the AR model's next-token distribution."""
+
     class Config(ComponentConfig):
         temperature: float = Field(1.0, gt=0.0)
+        """Divides the logits before the draw; 1.0 samples the model's own distribution."""
         top_k: int | None = Field(None, ge=1)
+        """Draw only among the k most likely tokens (none: all)."""
         top_p: float | None = Field(None, gt=0.0, le=1.0)
+        """Draw only from the smallest set of most likely tokens holding this mass (nucleus; none: all)."""
         stop_at_eos: bool = False
         """Once a row has generated <|endoftext|> (vocab.bos_id), fill the rest of that masked span
         with it without asking the model, and make no call for a column where no row needs one.

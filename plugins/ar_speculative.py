@@ -38,7 +38,9 @@ class ARSpeculativeSampler(DraftMixin, Sampler):
         temperature: float = Field(1.0, gt=0.0)
         """Divides the target's logits (as in the `ar` sampler)."""
         top_k: int | None = Field(None, ge=1)
+        """As in the `ar` sampler: the target's distribution cut to its k most likely tokens."""
         top_p: float | None = Field(None, gt=0.0, le=1.0)
+        """As in the `ar` sampler: the target's distribution cut to its nucleus of this mass."""
         draft_temperature: float | None = Field(None, gt=0.0)
         """Divides the draft's logits (default: `temperature`); changes the speed, never the result."""
 

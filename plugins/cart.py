@@ -35,6 +35,10 @@ def cart_weights(masked: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class CARTMasking(UniformMasking):
+    """Uniform masking whose training loss weights each masked token by the clean context around
+    it (Dream's CART: a geometric kernel over the distance to each clean token) in place of w(t);
+    evaluation keeps the uniform NELBO, a valid bound."""
+
     class Config(ComponentConfig):
         p: float = Field(0.3, gt=0.0, le=1.0)
         """Success probability of the geometric kernel: how fast a clean token's influence decays

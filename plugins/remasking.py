@@ -88,6 +88,10 @@ def most_confident(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 class ConfidenceSampler(RemaskingSampler):
+    """Low-confidence remasking (MaskGIT / LLaDA): each step predicts every masked position and
+    commits the most confident ones, as many as the time grid says. Not the model's own chain:
+    no NELBO-exact distribution, but far fewer calls than one token per step."""
+
     class Config(PredictionConfig):
         steps: int = Field(128, ge=1)
         """Steps (network calls at most). With n positions to fill, round(n * t_{i+1}) stay
@@ -109,6 +113,9 @@ class ConfidenceSampler(RemaskingSampler):
 
 
 class ThresholdSampler(RemaskingSampler):
+    """Commits, in each call, every masked position whose confidence reaches `tau` (at least
+    one per call), so easy spans take few calls (Fast-dLLM style parallel decoding)."""
+
     class Config(PredictionConfig):
         tau: float = Field(0.9, ge=0.0, le=1.0)
         """Commit every masked position whose confidence is >= tau (and the most confident one)."""

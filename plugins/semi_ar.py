@@ -27,6 +27,9 @@ def inner_component(name: str):
 
 
 class SemiAutoregressiveSampler(Sampler):
+    """Blocks left to right (BD3-LM / LLaDA semi-AR): an inner diffusion sampler fills one block
+    of `block` positions at a time, with everything to its left fixed."""
+
     class Config(ComponentConfig):
         block: int = Field(32, ge=1)
         """Positions per block; blocks are filled one after the other, left to right."""

@@ -132,6 +132,7 @@ class SpeculativeSampler(DraftMixin, Sampler):
         steps: int = Field(128, ge=1)
         """T: steps of the target's ancestral chain."""
         grid: Literal["uniform", "cosine"] = "uniform"
+        """The target chain's time grid, as in `ancestral`."""
         temperature: float = Field(1.0, gt=0.0)
         """Divides the target's logits: the chain sampled is `ancestral` at this temperature."""
         draft_temperature: float | None = Field(None, gt=0.0)

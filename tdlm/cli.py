@@ -34,13 +34,13 @@ class _Commands(click.Group):
             _fail(str(exc))
 
 
-def _load_recipe(recipe: str, overrides: tuple[str, ...]):
+def _load_recipe(recipe: str, overrides: tuple[str, ...], unset: tuple[str, ...] = ()):
     """Read, validate and resolve a recipe: every problem is reported before any work starts."""
     from tdlm.config import RecipeError, read_recipe, resolve_components
     from tdlm.plugins import PluginError, build_registry
 
     try:
-        cfg = read_recipe(recipe, overrides)
+        cfg = read_recipe(recipe, overrides, unset)
         return cfg, resolve_components(cfg, build_registry())
     except (RecipeError, PluginError) as exc:
         _fail(str(exc))
@@ -56,15 +56,17 @@ def cli():
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe key, e.g. --set training.max_steps=20 (repeatable).")
+@click.option("--unset", "unset", multiple=True, metavar="KEY",
+              help="Remove a recipe key, e.g. the old component's options after --set corruption.name=... (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint.")
 @click.option("--stop-at", type=int, default=None, metavar="STEP",
               help="Checkpoint and stop at this step (the schedule still follows the recipe); go on with --resume.")
 @click.option("--check", is_flag=True, help="Only validate the recipe and print the resolved config.")
-def run(recipe, overrides, resume, stop_at, check):
+def run(recipe, overrides, unset, resume, stop_at, check):
     """Train the model a RECIPE describes, then score it and print a sample."""
     if stop_at is not None and stop_at < 1:
         _fail(f"--stop-at {stop_at}: a step to stop after must be at least 1")
-    cfg, components = _load_recipe(recipe, overrides)
+    cfg, components = _load_recipe(recipe, overrides, unset)
     if check:
         from tdlm.config import resolved_dict, to_toml
         from tdlm.data.locate import file_in_the_way
@@ -91,7 +93,8 @@ def run(recipe, overrides, resume, stop_at, check):
         return
     if summary["status"] != "finished":
         click.echo(f"stopped at step {summary['step']} of {summary['total_steps']}; continue with: "
-                   f"tdlm run {recipe} --resume" + "".join(f" --set {o}" for o in overrides))
+                   f"tdlm run {recipe} --resume" + "".join(f" --set {o}" for o in overrides)
+                   + "".join(f" --unset {key}" for key in unset))
         return
     click.echo(f"\n{cfg.run.name}: {summary['step']} steps, {summary['tokens_seen']:,} tokens, "
                f"{summary['wall_time_s']:.0f} s on {summary['device']} (scored: {summary['checkpoint']})")
@@ -371,15 +374,20 @@ def report(runs_dirs, out_dir):
 
 
 @cli.command()
+@click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def plugins(as_json):
-    """List every installed component by kind, with the plugin and package that provide it."""
-    from tdlm.plugins import KINDS, PluginError, build_registry
+def plugins(name, as_json):
+    """List every installed component by kind, with the plugin and package that provide it; with
+    NAME, that component's description and its options (type, default, what each does)."""
+    from tdlm.plugins import KINDS, PluginError, build_registry, describe_options
 
     try:
         registry = build_registry()
     except PluginError as exc:
         _fail(str(exc))
+    if name is not None:
+        _show_component(registry, name, as_json)
+        return
     rows = [{"kind": c.kind, "name": c.name, "plugin": c.plugin, "package": c.package, "version": c.version,
              "options": sorted(c.config_cls.model_fields)} for c in registry.all()]
     if as_json:
@@ -392,6 +400,37 @@ def plugins(as_json):
             click.echo(f"  {row['name']:<18} {row['package']} {row['version']} ({row['plugin']}){options}")
     for plugin, error in registry.failed.items():
         click.echo(f"failed to load: {plugin}: {error}")
+    click.echo("(tdlm plugins NAME: a component's options and what each does)")
+
+
+def _show_component(registry, name: str, as_json: bool) -> None:
+    """`tdlm plugins NAME`: every component of that name (a name may exist for several kinds)."""
+    import difflib
+
+    from tdlm.plugins import describe_options
+
+    found = [c for c in registry.all() if c.name == name]
+    if not found:
+        names = sorted({c.name for c in registry.all()})
+        close = difflib.get_close_matches(name, names, n=1)
+        _fail(f"no component named {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+              + f"; installed: {', '.join(names)}")
+    shown = [{"kind": c.kind, "name": c.name, "package": c.package, "version": c.version, "plugin": c.plugin,
+              "doc": (c.cls.__doc__ or "").strip(), "options": describe_options(c.config_cls)} for c in found]
+    if as_json:
+        click.echo(json.dumps(shown, indent=2, default=str))
+        return
+    for entry in shown:
+        click.echo(f"{entry['kind']} {entry['name']} ({entry['package']} {entry['version']}, {entry['plugin']})")
+        if entry["doc"]:
+            click.echo("  " + entry["doc"].split("\n\n")[0].replace("\n", "\n  "))
+        if not entry["options"]:
+            click.echo("  no options")
+        for option in entry["options"]:
+            default = "required" if option["required"] else f"default {option['default']!r}"
+            click.echo(f"  {option['name']}: {option['type']} ({default})")
+            if option["doc"]:
+                click.echo(f"      {option['doc']}")
 
 
 @cli.command()

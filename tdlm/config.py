@@ -232,6 +232,20 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def remove_keys(raw: dict, keys: list[str]) -> dict:
+    """The recipe without the dotted `keys` (`tdlm run --unset`): what `--set` cannot say, e.g.
+    the old component's options after `--set corruption.name=...` switched it."""
+    for dotted in keys:
+        *sections, name = dotted.strip().split(".")
+        node = raw
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or name not in node:
+            raise RecipeError(f"--unset {dotted}: the recipe has no such key to remove")
+        del node[name]
+    return raw
+
+
 def read_toml(path: Path, error: type[Exception], missing: str) -> dict:
     """The TOML file at `path`, or `error` with a one-line message: `missing` when there is no
     such file, the parser's complaint when it is not valid TOML."""
@@ -251,11 +265,12 @@ def read_toml(path: Path, error: type[Exception], missing: str) -> dict:
         raise error(f"{path}: not valid TOML: {exc}") from exc
 
 
-def read_recipe(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+def read_recipe(path: str | Path, overrides: list[str] = (), unset: list[str] = ()) -> RunConfig:
+    """The recipe at `path` with the `--set` overrides applied and the `--unset` keys removed."""
     path = Path(path)
     raw = read_toml(path, RecipeError,
                     f"recipe {str(path)!r} not found (recipes ship in recipes/, e.g. recipes/quick_wikitext2.toml)")
-    raw = apply_overrides(raw, list(overrides))
+    raw = remove_keys(apply_overrides(raw, list(overrides)), list(unset))
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -290,7 +305,12 @@ def resolve_components(cfg: RunConfig, registry) -> dict[str, tuple[Any, BaseMod
             problems.append(f"{kind}.name: {exc}")
             continue
         except ValidationError as exc:
-            problems.append(format_validation_error(exc, component.config_cls, prefix=f"{kind}."))
+            message = format_validation_error(exc, component.config_cls, prefix=f"{kind}.")
+            extra = [f"{kind}.{e['loc'][-1]}" for e in exc.errors() if e["type"] == "extra_forbidden"]
+            if extra:  # typically the options of the component a --set {kind}.name switched away from
+                message += (f" ({kind} {section.name!r} has no such option; to drop it: "
+                            + " ".join(f"--unset {key}" for key in extra) + ")")
+            problems.append(message)
             continue
         resolved[kind] = (component, options)
     if problems:

@@ -112,8 +112,10 @@ class Registry:
 def get_plugin_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
     """A fresh manager with the built-ins and (unless disabled) the installed third-party plugins.
 
-    A third-party plugin that fails to import is reported with a warning and skipped, so one
-    broken package never takes the toolkit down; `Registry.failed` keeps the error for later.
+    A third-party plugin that fails to import, or that implements a hook tdlm does not know (a
+    misspelt `register_corruption` would otherwise never be called), is reported with a warning
+    and skipped, so one broken package never takes the toolkit down; `Registry.failed` keeps the
+    error for later.
     """
     pm = pluggy.PluginManager("tdlm")
     pm.add_hookspecs(hookspecs)
@@ -145,11 +147,42 @@ def get_plugin_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
                 continue
             pm.plugin_distinfo = getattr(pm, "plugin_distinfo", {})
             pm.plugin_distinfo[ep.name] = ep.dist
+            unknown = _unknown_hooks(pm, ep.name)
+            if unknown:
+                dist = ep.dist.name if ep.dist else "?"
+                error = (f"implements {', '.join(unknown)}, which tdlm does not know (hooks tdlm knows: "
+                         f"{', '.join(_HOOK_OF_KIND.values())})")
+                pm.unregister(name=ep.name)
+                pm.failed_plugins[ep.name] = error
+                warnings.warn(f"tdlm plugin {ep.name!r} (package {dist}) was skipped: it {error}. Fix the hook's "
+                              f"name in that package, or uninstall it (`pip uninstall {dist}`).", stacklevel=2)
     try:
         pm.check_pending()  # a misspelt hook function is an error, not silence
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"{exc} (hooks tdlm knows: {', '.join(_HOOK_OF_KIND.values())})") from exc
     return pm
+
+
+def describe_options(config_cls: type) -> list[dict]:
+    """A component's options as its users read them: name, type, default and the description
+    from the option's docstring in the Config class."""
+    rows = []
+    for name, info in sorted(config_cls.model_fields.items()):
+        kind = info.annotation
+        kind = kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        rows.append({"name": name, "type": kind, "required": info.is_required(), "default": default,
+                     "doc": " ".join((info.description or "").split())})
+    return rows
+
+
+def _unknown_hooks(pm: pluggy.PluginManager, plugin_name: str) -> list[str]:
+    """The hooks a registered plugin implements that no hookspec declares (the names of
+    pluggy's check_pending, for one plugin)."""
+    plugin = pm.get_plugin(plugin_name)
+    return sorted(caller.name for caller in pm.get_hookcallers(plugin) or []
+                  if caller.spec is None and any(not impl.optionalhook for impl in caller.get_hookimpls()
+                                                 if impl.plugin is plugin))
 
 
 def _origin(pm: pluggy.PluginManager, plugin_name: str) -> tuple[str, str]:
