@@ -65,6 +65,12 @@ def inverse_softplus(w: torch.Tensor) -> torch.Tensor:
 
 
 class StateDependentMasking(Corruption):
+    """GenMD4's per-token schedules: token v stays clean until t with probability
+    1 - u_t^{w_v}; the exponents are fixed from token frequency or learned with the model
+    (RLOO gradient), with their own valid NELBO and reverse step."""
+
+    masks_independently = True  # each position with its own token's rate, independently
+
     class Config(ComponentConfig):
         weights: Literal["learned", "frequency", "constant"] = "learned"
         """How the per-token exponents w_v of alpha_{t,v} = 1 - u_t^{w_v} are set."""

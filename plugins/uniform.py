@@ -7,7 +7,12 @@ from tdlm.components import Corruption
 
 
 class UniformMasking(Corruption):
+    """Absorbing masking: each position is replaced by the mask token independently with
+    probability 1 - alpha_t; NELBO weight w(t) = -alpha'_t / (1 - alpha_t) (MDLM / MD4)."""
+
     schedule_invariant = True  # the NELBO of a time-agnostic denoiser is one integral over the mask rate
+    masks_independently = True
+
     def corrupt(self, x0, t, generator):
         mask_prob = 1.0 - self.schedule.alpha(t)
         noise = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=mask_prob.dtype)

@@ -604,6 +604,11 @@ def _load_run(run_dir, **kwargs):
         _fail(str(exc))
 
 
+from tdlm.harness_cli import lm_eval_command  # noqa: E402 - the command module imports helpers from here
+
+cli.add_command(lm_eval_command)
+
+
 def main():
     cli(prog_name="tdlm")
 

@@ -78,6 +78,11 @@ class Corruption(nn.Module):
     """True when, for a denoiser that does not take t as input, this corruption's NELBO is the
     same under every schedule (uniform masking): the evaluation may then draw t under a
     schedule whose estimator has finite variance (docs/maths.md section 1.6)."""
+    masks_independently: ClassVar[bool] = False
+    """True when `corrupt` masks each position independently of the others (given its own token
+    and t): holding some positions clean then leaves the forward process of the others as it
+    was, and `nelbo_terms` summed over them bounds -log p(them | the clean ones), the bound a
+    conditional score needs (docs/maths.md section 1.12). Not so for a fixed count of masks."""
 
     def __init__(self, config: ComponentConfig, *, schedule: Schedule, vocab: VocabInfo):
         super().__init__()

@@ -116,6 +116,36 @@ def test_overrides_are_typed_and_nested():
         parse_override("no-equals-sign")
 
 
+def test_unset_drops_the_options_of_a_component_switched_away_from():
+    cart = str(ROOT / "recipes/tiny_wikitext2_cart.toml")
+    switched = CliRunner().invoke(cli, ["run", cart, "--set", "corruption.name=uniform", "--check"])
+    assert switched.exit_code == 2 and switched.output.count("\n") == 1
+    assert "corruption 'uniform' has no such option; to drop it: --unset corruption.p" in switched.output
+    fixed = CliRunner().invoke(cli, ["run", cart, "--set", "corruption.name=uniform", "--unset", "corruption.p",
+                                     "--check"])
+    assert fixed.exit_code == 0 and '[corruption]\nname = "uniform"\n\n' in fixed.output
+    missing = CliRunner().invoke(cli, ["run", cart, "--unset", "corruption.q", "--check"])
+    assert missing.exit_code == 2 and "--unset corruption.q: the recipe has no such key" in missing.output
+
+
+def test_plugins_name_shows_what_each_option_does():
+    result = CliRunner().invoke(cli, ["plugins", "threshold"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("sampler threshold (tdlm ")
+    assert "  tau: float (default 0.9)\n      " in result.output
+    typo = CliRunner().invoke(cli, ["plugins", "treshold"])
+    assert typo.exit_code == 2 and "did you mean 'threshold'?" in typo.output
+
+
+def test_every_builtin_component_and_option_is_described(registry):
+    from tdlm.plugins import describe_options
+
+    for component in registry.all():
+        assert (component.cls.__doc__ or "").strip(), f"{component.kind} {component.name} has no docstring"
+        for option in describe_options(component.config_cls):
+            assert option["doc"], f"{component.kind} {component.name}: option {option['name']} has no docstring"
+
+
 def test_check_prints_the_resolved_recipe_with_component_defaults():
     result = CliRunner().invoke(cli, ["run", str(ROOT / "recipes/quick_wikitext2.toml"), "--check"])
     assert result.exit_code == 0
