@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tdlm.bench import bench_config, recipe_settings
+from tdlm.studies.bench import bench_config, recipe_settings
 from tdlm.components import VocabInfo
 from tdlm.lm import build_model
 

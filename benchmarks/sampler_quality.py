@@ -3,7 +3,7 @@
 For each registered sampler that fits the target (diffusion samplers for a diffusion run, `ar*`
 samplers for an autoregressive one) and each setting of its sweep (SWEEPS below: step counts
 from one token per step down to a few, threshold tau, semi-AR blocks, speculative drafting),
-this samples with `tdlm gen-eval`'s machinery (tdlm/geneval.py) and tabulates NFE, tokens/s,
+this samples with `tdlm gen-eval`'s machinery (tdlm/studies/geneval.py) and tabulates NFE, tokens/s,
 generative perplexity under the AR reference, unigram entropy, repetition and unseen bigrams,
 with held-out text as the last row. It writes, under --out (default TARGET/geneval/sampler_quality):
 table.md, results.json, sampler_quality.png (the metrics against NFE) and each setting's
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from tdlm.geneval import GenEval, GenEvalError, jsonable, write_report
-from tdlm.report import spaced_ticks
+from tdlm.studies.geneval import GenEval, GenEvalError, jsonable, write_report
+from tdlm.studies.report import spaced_ticks
 
 THRESHOLD_TAUS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.5)
 DRAFT_STEPS = 4  # speculative: chain steps proposed per round

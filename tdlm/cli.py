@@ -37,7 +37,7 @@ class _Commands(click.Group):
 def _load_recipe(recipe: str, overrides: tuple[str, ...], unset: tuple[str, ...] = ()):
     """Read, validate and resolve a recipe: every problem is reported before any work starts."""
     from tdlm.config import RecipeError, read_recipe, resolve_components
-    from tdlm.plugins import PluginError, build_registry
+    from tdlm.registry import PluginError, build_registry
 
     try:
         cfg = read_recipe(recipe, overrides, unset)
@@ -70,7 +70,7 @@ def run(recipe, overrides, unset, resume, stop_at, check):
     if check:
         from tdlm.config import resolved_dict, to_toml
         from tdlm.data.locate import file_in_the_way
-        from tdlm.runs import with_manifest
+        from tdlm.rundir import with_manifest
 
         blocker = file_in_the_way(Path(cfg.run.out_dir) / cfg.run.name)
         if blocker is not None:
@@ -80,7 +80,7 @@ def run(recipe, overrides, unset, resume, stop_at, check):
         return
     from tdlm.data import DataNotFoundError
     from tdlm.evaluate import format_result
-    from tdlm.train import TrainingDiverged, train
+    from tdlm.training.trainer import TrainingDiverged, train
 
     try:
         summary = train(cfg, components, resume=resume, stop_at=stop_at)
@@ -182,7 +182,7 @@ def _sampler_options(options: tuple[str, ...]) -> dict:
 
 def _canvas_ids(vocab, *, prompt, template, length, seq_len) -> list[int]:
     """One row of the canvas: the prompt then masks up to `length`, or the infill template."""
-    from tdlm.template import parse_template, template_ids
+    from tdlm.sampling.template import parse_template, template_ids
 
     if template is None:
         length = length or seq_len
@@ -233,7 +233,7 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
 
     import torch
 
-    from tdlm.template import TemplateError, cut_at_eos, parse_template
+    from tdlm.sampling.template import TemplateError, cut_at_eos, parse_template
 
     if template is not None:
         if prompt is not None or length is not None:
@@ -253,12 +253,12 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
     _check_seed(seed)
     sampler_choice = (sampler, _sampler_options(options)) if sampler or options else None
     loaded = _load_run(run_dir, which=which, device=device, sampler=sampler_choice)
-    from tdlm.runs import check_sampler_fits
+    from tdlm.rundir import check_sampler_fits
 
     check_sampler_fits(loaded.components["sampler"][0], loaded.components["objective"][0])
     vocab, cfg, built_sampler = loaded.corpus.vocab, loaded.cfg, loaded.built.sampler
     if stop_at_eos:
-        from tdlm.runs import vocab_info
+        from tdlm.rundir import vocab_info
 
         if vocab_info(loaded.corpus).token_counts[vocab.bos_id] == 0:
             _fail(f"--stop-at-eos: the model in {run_dir} never saw an end-of-text token in training (data.documents = "
@@ -276,7 +276,7 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
     tokens = out.tokens.cpu()
     seconds = time.perf_counter() - start
     if trace is not None:
-        from tdlm.trace import draw_trace
+        from tdlm.sampling.trace import draw_trace
 
         frames = [canvas[0]] + [frame[0] for frame in built_sampler.trace]
         if not torch.equal(frames[-1], tokens[0]):
@@ -323,8 +323,8 @@ def sweep(sweep_file, dry_run, patterns, emit, launch_config, gpus, time_limit):
     so the same command continues a sweep; a failed run is reported at the end (exit code 1).
     """
     from tdlm.config import RecipeError
-    from tdlm.plugins import PluginError
-    from tdlm.sweep import SweepError, accelerate_commands, format_plan, load_sweep, run_sweep, slurm_script
+    from tdlm.registry import PluginError
+    from tdlm.studies.sweep import SweepError, accelerate_commands, format_plan, load_sweep, run_sweep, slurm_script
 
     try:
         plan = load_sweep(sweep_file)
@@ -363,7 +363,7 @@ def report(runs_dirs, out_dir):
     perplexity, bits per byte against size, data and epochs, and diffusion vs AR by epochs."""
     from pathlib import Path
 
-    from tdlm.report import ReportError, write_report
+    from tdlm.studies.report import ReportError, write_report
 
     try:
         markdown, written = write_report([Path(d) for d in runs_dirs], Path(out_dir or runs_dirs[0]))
@@ -379,7 +379,7 @@ def report(runs_dirs, out_dir):
 def plugins(name, as_json):
     """List every installed component by kind, with the plugin and package that provide it; with
     NAME, that component's description and its options (type, default, what each does)."""
-    from tdlm.plugins import KINDS, PluginError, build_registry, describe_options
+    from tdlm.registry import KINDS, PluginError, build_registry, describe_options
 
     try:
         registry = build_registry()
@@ -407,7 +407,7 @@ def _show_component(registry, name: str, as_json: bool) -> None:
     """`tdlm plugins NAME`: every component of that name (a name may exist for several kinds)."""
     import difflib
 
-    from tdlm.plugins import describe_options
+    from tdlm.registry import describe_options
 
     found = [c for c in registry.all() if c.name == name]
     if not found:
@@ -457,7 +457,7 @@ def _show_component(registry, name: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bench(as_json, device, recipe, suite, **settings):
     """Training tokens/s of the engine's train step vs a hand-written full-logits loop, as a ratio."""
-    from tdlm import bench as benchmark
+    from tdlm.studies import bench as benchmark
 
     log = None if as_json else (lambda line: click.echo(line, err=True))
     settings.update(device=_device(device), log=log)
@@ -499,8 +499,8 @@ def gen_eval(run_dir, sampler, options, reference, which, device, out_dir, as_js
 
     from tdlm.config import RecipeError
     from tdlm.data import DataNotFoundError
-    from tdlm.geneval import GenEval, GenEvalError, format_report, jsonable, write_report
-    from tdlm.plugins import PluginError
+    from tdlm.studies.geneval import GenEval, GenEvalError, format_report, jsonable, write_report
+    from tdlm.registry import PluginError
 
     parsed = _sampler_options(options)
     _check_seed(settings["seed"])
@@ -595,8 +595,8 @@ def _check_seed(seed: int) -> int:
 def _load_run(run_dir, **kwargs):
     from tdlm.config import RecipeError
     from tdlm.data import DataNotFoundError
-    from tdlm.plugins import PluginError
-    from tdlm.runs import load_run
+    from tdlm.registry import PluginError
+    from tdlm.rundir import load_run
 
     try:
         return load_run(run_dir, **kwargs)
@@ -604,7 +604,7 @@ def _load_run(run_dir, **kwargs):
         _fail(str(exc))
 
 
-from tdlm.harness_cli import lm_eval_command  # noqa: E402 - the command module imports helpers from here
+from tdlm.studies.harness_cli import lm_eval_command  # noqa: E402 - the command module imports helpers from here
 
 cli.add_command(lm_eval_command)
 

@@ -287,7 +287,7 @@ def read_recipe(path: str | Path, overrides: list[str] = (), unset: list[str] = 
 
 def resolve_components(cfg: RunConfig, registry) -> dict[str, tuple[Any, BaseModel]]:
     """kind -> (registered Component, its validated Config), checking every section."""
-    from tdlm.plugins import UnknownComponentError
+    from tdlm.registry import UnknownComponentError
 
     sampler = cfg.sampler
     resolved, problems = {}, []

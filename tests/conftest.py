@@ -14,7 +14,7 @@ from torch import nn
 from tdlm.components import VocabInfo
 from tdlm.config import RunConfig, resolve_components
 from tdlm.lm import build_model
-from tdlm.plugins import build_registry
+from tdlm.registry import build_registry
 
 
 @pytest.fixture(scope="module")

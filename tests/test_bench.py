@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tdlm import head
-from tdlm.bench import bench_config, engine_trainer, measure
+from tdlm.studies.bench import bench_config, engine_trainer, measure
 from tdlm.cli import cli
 from tdlm.components import VocabInfo
 

@@ -6,10 +6,10 @@ import torch
 from tdlm.components import VocabInfo
 from tdlm.head import Denoised
 from tdlm.model import ModelConfig, Transformer
-from tdlm_plugins.cart import CARTMasking, cart_kernel, cart_weights
-from tdlm_plugins.diffusion import DiffusionObjective
-from tdlm_plugins.schedules import CosineSchedule, LinearSchedule
-from tdlm_plugins.uniform import UniformMasking
+from tdlm.builtins.corruptions.cart import CARTMasking, cart_kernel, cart_weights
+from tdlm.builtins.objectives.diffusion import DiffusionObjective
+from tdlm.builtins.schedules import CosineSchedule, LinearSchedule
+from tdlm.builtins.corruptions.uniform import UniformMasking
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -17,7 +17,7 @@ import time
 import pytest
 from toydata import toy_recipe, write_toy_corpus
 
-from tdlm.monitor import read_metrics
+from tdlm.training.monitor import read_metrics
 
 STEPS = 8
 # One process with two micro-batches of 4 and two processes with one micro-batch of 4 do the same

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from toydata import toy_recipe, write_toy_corpus
 from torch import nn
 
-from tdlm import genmetrics as gm
+from tdlm.studies import genmetrics as gm
 from tdlm.cli import cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -158,7 +158,7 @@ KEYS = {"run", "checkpoint", "objective", "reference", "sampler", "options", "nu
 
 
 def test_gen_eval_writes_json_and_png(runs, tmp_path):
-    from tdlm.runs import load_run
+    from tdlm.rundir import load_run
 
     target, reference = runs
     out = gen_eval(target, "--reference", reference, "--num", 3, "--length", 16, "--option", "steps=4",
@@ -218,7 +218,7 @@ def test_gen_eval_reports_bad_requests(runs, tmp_path):
 
 def test_sampler_counters_are_averaged_over_batches():
     from tdlm.components import SampleOutput
-    from tdlm.geneval import output_counters
+    from tdlm.studies.geneval import output_counters
 
     outs = [SampleOutput(torch.zeros(1, 2), nfe=4, stats={"draft_calls": 8, "acceptance_rate": 0.5, "rows": [1]}),
             SampleOutput(torch.zeros(1, 2), nfe=6, stats={"draft_calls": 8, "acceptance_rate": 1.0, "rows": [2]})]
@@ -265,7 +265,7 @@ def test_sampler_quality_benchmark_runs_and_checks_the_threshold_target(runs, tm
 
 
 def test_collapse_panels_start_at_zero_and_the_title_gives_the_held_out_gen_ppl():
-    from tdlm.geneval import collapse_limits, gen_ppl_title
+    from tdlm.studies.geneval import collapse_limits, gen_ppl_title
 
     flat = {"entropy": [5.31, 5.33, 5.32], "unigram_entropy": 6.0, "kl_to_unigram": [0.001, 0.002]}
     entropy_top, kl_top = collapse_limits(flat)

@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness adapter (tdlm.harness) on toy runs, offline, with a local task.
+"""The lm-evaluation-harness adapter (tdlm.studies.harness) on toy runs, offline, with a local task.
 
 AR figures must be tdlm's own exact NLL; diffusion figures tdlm's own NELBO, here of the
 continuation alone given the context (docs/maths.md section 1.12).
@@ -23,7 +23,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from tdlm.cli import _Commands, cli  # noqa: E402
 from tdlm.errors import TdlmError  # noqa: E402
-from tdlm.harness_cli import lm_eval_command  # noqa: E402
+from tdlm.studies.harness_cli import lm_eval_command  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -53,7 +53,7 @@ def offline(runs, monkeypatch, tmp_path):
 
 
 def adapter(runs, objective, **options):
-    from tdlm.harness import TdlmLM
+    from tdlm.studies.harness import TdlmLM
 
     return TdlmLM(run=str(runs[objective]), device="cpu", **options)
 
@@ -132,9 +132,9 @@ def test_a_task_whose_answer_is_forced_scores_1_through_lm_eval_s_registry_diffu
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import tdlm.harness  # noqa: F401  registers "tdlm" with lm-eval
+    import tdlm.studies.harness  # noqa: F401  registers "tdlm" with lm-eval
     from tdlm.data import load_corpus
-    from tdlm.runs import read_run_config, vocab_info
+    from tdlm.rundir import read_run_config, vocab_info
 
     rows = forced_task(tmp_path, runs)
     corpus = load_corpus(read_run_config(runs["diffusion"]).data, progress=False)
@@ -270,7 +270,7 @@ def test_conditional_bound_is_tight_for_the_exact_denoiser(build, exact_denoiser
 
 
 def test_a_corruption_with_dependent_masks_is_refused(build, monkeypatch):
-    from tdlm_plugins.uniform import UniformMasking
+    from tdlm.builtins.corruptions.uniform import UniformMasking
 
     monkeypatch.setattr(UniformMasking, "masks_independently", False)
     objective = build(vocab_size=50, seq_len=16).model.objective
@@ -321,10 +321,10 @@ def one_line_error(out, *fragments):
 
 
 def test_without_lm_eval_the_command_says_how_to_install_it(runs, monkeypatch):
-    import tdlm
+    import tdlm.studies
 
-    monkeypatch.delitem(sys.modules, "tdlm.harness", raising=False)
-    monkeypatch.delattr(tdlm, "harness", raising=False)
+    monkeypatch.delitem(sys.modules, "tdlm.studies.harness", raising=False)
+    monkeypatch.delattr(tdlm.studies, "harness", raising=False)
     for name in [name for name in sys.modules if name.split(".")[0] == "lm_eval"] + ["lm_eval"]:
         monkeypatch.setitem(sys.modules, name, None)  # importing lm_eval now raises ImportError
     one_line_error(lm_eval_cli(runs["ar"], "--tasks", "x"), 'pip install -e ".[lm-eval]"')

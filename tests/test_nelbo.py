@@ -282,7 +282,7 @@ def test_stratified_variance_matches_the_real_spread_of_the_mean(integrand, nois
     """Integrands shaped like the cosine NELBO's (0 at t = 0 and 1) with noise that changes along
     t: the estimated variance of a sequence's mean of K draws equals the variance of that mean
     over many sequences (drawn the same way), within 20% at K = 8 and 10% at K = 16."""
-    from tdlm_plugins.diffusion import stratified_variance
+    from tdlm.builtins.objectives.diffusion import stratified_variance
 
     draws, times = systematic_draws(integrand, NOISE[noise], k, 40000, seed=k)
     real = draws.mean(0).var().item()
@@ -293,7 +293,7 @@ def test_stratified_variance_matches_the_real_spread_of_the_mean(integrand, nois
 
 
 def test_stratified_variance_with_fewer_draws_than_a_window_is_conservative():
-    from tdlm_plugins.diffusion import stratified_variance
+    from tdlm.builtins.objectives.diffusion import stratified_variance
 
     for k in (3, 4):
         draws, times = systematic_draws(HUMP, NOISE["flat"], k, 40000, seed=k)
@@ -301,7 +301,7 @@ def test_stratified_variance_with_fewer_draws_than_a_window_is_conservative():
 
 
 def test_stratified_variance_of_two_draws_and_of_one():
-    from tdlm_plugins.diffusion import stratified_variance
+    from tdlm.builtins.objectives.diffusion import stratified_variance
 
     pair, pair_t = systematic_draws(lambda t: 0 * t, lambda t: 0 * t + 1, 2, 40000, seed=3)
     assert stratified_variance(pair, pair_t).mean().item() == pytest.approx(0.5, rel=0.03)

@@ -2,7 +2,7 @@
 
 Fake plugins are modules registered on a fresh manager (`get_plugin_manager(entry_points=False)`),
 so nothing leaks between tests. The end-to-end tests pip-install the example package
-plugins/examples/tdlm-fixed-count (and a broken one) into a temporary folder, offline, and put
+examples/tdlm-fixed-count (and a broken one) into a temporary folder, offline, and put
 that folder on PYTHONPATH of a `python -m tdlm` subprocess.
 """
 
@@ -30,34 +30,34 @@ from tdlm.config import RecipeError, read_recipe, resolve_components
 from tdlm.evaluate import evaluate, format_result
 from tdlm.lm import LanguageModel
 from tdlm.model import ModelConfig, Transformer
-from tdlm.plugins import PluginError, build_registry, get_plugin_manager
-from tdlm_plugins.diffusion import DiffusionObjective
-from tdlm_plugins.schedules import CosineSchedule, LinearSchedule
-from tdlm_plugins.uniform import UniformMasking
+from tdlm.registry import PluginError, build_registry, get_plugin_manager
+from tdlm.builtins.objectives.diffusion import DiffusionObjective
+from tdlm.builtins.schedules import CosineSchedule, LinearSchedule
+from tdlm.builtins.corruptions.uniform import UniformMasking
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "plugins" / "examples" / "tdlm-fixed-count"
+EXAMPLE = REPO / "examples" / "tdlm-fixed-count"
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors (tests/conftest.py)
 
 BUILTINS = {
-    ("schedule", "linear"): "tdlm_plugins.schedules",
-    ("schedule", "cosine"): "tdlm_plugins.schedules",
-    ("schedule", "polynomial"): "tdlm_plugins.schedules",
-    ("schedule", "loglinear"): "tdlm_plugins.schedules",
-    ("schedule", "geometric"): "tdlm_plugins.schedules",
-    ("corruption", "uniform"): "tdlm_plugins.uniform",
-    ("corruption", "state-dependent"): "tdlm_plugins.state_dependent",
-    ("corruption", "cart"): "tdlm_plugins.cart",
-    ("objective", "diffusion"): "tdlm_plugins.diffusion",
-    ("objective", "ar"): "tdlm_plugins.ar",
-    ("sampler", "ancestral"): "tdlm_plugins.ancestral",
-    ("sampler", "ar"): "tdlm_plugins.ar_sampler",
-    ("sampler", "confidence"): "tdlm_plugins.remasking",
-    ("sampler", "threshold"): "tdlm_plugins.remasking",
-    ("sampler", "semi-ar"): "tdlm_plugins.semi_ar",
-    ("sampler", "speculative"): "tdlm_plugins.speculative",
-    ("sampler", "ar-speculative"): "tdlm_plugins.ar_speculative",
+    ("schedule", "linear"): "tdlm.builtins.schedules",
+    ("schedule", "cosine"): "tdlm.builtins.schedules",
+    ("schedule", "polynomial"): "tdlm.builtins.schedules",
+    ("schedule", "loglinear"): "tdlm.builtins.schedules",
+    ("schedule", "geometric"): "tdlm.builtins.schedules",
+    ("corruption", "uniform"): "tdlm.builtins.corruptions.uniform",
+    ("corruption", "state-dependent"): "tdlm.builtins.corruptions.state_dependent",
+    ("corruption", "cart"): "tdlm.builtins.corruptions.cart",
+    ("objective", "diffusion"): "tdlm.builtins.objectives.diffusion",
+    ("objective", "ar"): "tdlm.builtins.objectives.ar",
+    ("sampler", "ancestral"): "tdlm.builtins.samplers.ancestral",
+    ("sampler", "ar"): "tdlm.builtins.samplers.autoregressive",
+    ("sampler", "confidence"): "tdlm.builtins.samplers.remasking",
+    ("sampler", "threshold"): "tdlm.builtins.samplers.remasking",
+    ("sampler", "semi-ar"): "tdlm.builtins.samplers.semi_ar",
+    ("sampler", "speculative"): "tdlm.builtins.samplers.speculative",
+    ("sampler", "ar-speculative"): "tdlm.builtins.samplers.ar_speculative",
 }
 
 
@@ -104,7 +104,7 @@ def test_duplicate_component_name_is_an_error_naming_both_plugins():
     pm.register(plugin_module("fake_uniform", register_corruptions=register_corruptions), name="fake-uniform")
     with pytest.raises(PluginError, match="registered twice") as info:
         build_registry(pm)
-    assert "'tdlm_plugins.uniform'" in str(info.value) and "'fake-uniform'" in str(info.value)
+    assert "'tdlm.builtins.corruptions.uniform'" in str(info.value) and "'fake-uniform'" in str(info.value)
 
 
 def test_component_without_a_config_class_is_a_clear_error():

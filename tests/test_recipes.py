@@ -26,8 +26,8 @@ from tdlm.config import (
     to_toml,
     toml_value,
 )
-from tdlm.plugins import build_registry
-from tdlm.runs import write_run_files
+from tdlm.registry import build_registry
+from tdlm.rundir import write_run_files
 
 ROOT = Path(__file__).resolve().parent.parent
 # sweep files (recipes/sweeps/) are not recipes: tests/test_sweep.py resolves every run they name
@@ -138,7 +138,7 @@ def test_plugins_name_shows_what_each_option_does():
 
 
 def test_every_builtin_component_and_option_is_described(registry):
-    from tdlm.plugins import describe_options
+    from tdlm.registry import describe_options
 
     for component in registry.all():
         assert (component.cls.__doc__ or "").strip(), f"{component.kind} {component.name} has no docstring"

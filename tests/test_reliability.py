@@ -17,13 +17,13 @@ import torch
 from click.testing import CliRunner
 from toydata import toy_recipe
 
-from tdlm import checkpoint as ckpt
-from tdlm import monitor
+from tdlm.training import checkpointer as ckpt
+from tdlm.training import monitor
 from tdlm.cli import cli
 from tdlm.config import read_recipe, resolve_components
-from tdlm.monitor import read_metrics, rewrite_metrics
-from tdlm.plugins import build_registry
-from tdlm.train import Trainer, TrainingDiverged
+from tdlm.training.monitor import read_metrics, rewrite_metrics
+from tdlm.registry import build_registry
+from tdlm.training.trainer import Trainer, TrainingDiverged
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,7 +90,7 @@ def test_a_run_that_is_still_setting_up_holds_its_directory(tmp_path, corpus):
     recipe = toy_recipe(tmp_path / "r.toml", corpus, tmp_path / "runs")
     run_dir = tmp_path / "runs" / "r"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from tdlm.runs import RunLock; lock = RunLock(sys.argv[1]); "
+        [sys.executable, "-c", "import sys; from tdlm.rundir import RunLock; lock = RunLock(sys.argv[1]); "
                                "print('locked', flush=True); sys.stdin.read()", str(run_dir)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=python_env())
     try:

@@ -12,7 +12,7 @@ from scipy import stats
 
 from nets import Spy
 from toydata import template_canvas
-from tdlm.grids import commit_count, time_grid
+from tdlm.sampling.grids import commit_count, time_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

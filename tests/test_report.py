@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from tdlm.cli import cli
-from tdlm.report import comparison_lines, find_runs, pairs, plot_final, sort_runs, write_report
+from tdlm.studies.report import comparison_lines, find_runs, pairs, plot_final, sort_runs, write_report
 
 STEPS, BATCH, SEQ_LEN = 256, 32, 128
 TOKENS_SEEN = STEPS * BATCH * SEQ_LEN
@@ -153,7 +153,7 @@ def test_reads_the_trainers_own_files(tmp_path):
 
 
 def test_twins_differ_in_hue_and_groups_in_shade_and_labels_say_each_word_once(tmp_path, sweep_dir):
-    from tdlm.report import run_colours
+    from tdlm.studies.report import run_colours
 
     for name, objective in (("diffusion", "diffusion"), ("ar", "ar")):
         fabricate_run(tmp_path / "pair" / name, objective=objective, epochs=1, test_nll=5.0)
@@ -173,7 +173,7 @@ def test_twins_differ_in_hue_and_groups_in_shade_and_labels_say_each_word_once(t
 
 
 def test_close_tick_values_are_thinned_so_their_labels_do_not_overlap():
-    from tdlm.report import spaced_ticks
+    from tdlm.studies.report import spaced_ticks
 
     assert spaced_ticks([1, 4, 16, 64]) == [1, 4, 16, 64]
     assert spaced_ticks([1_000_000, 1_050_000, 1_100_000, 2_000_000, 2_010_000]) == [1_000_000, 2_010_000]

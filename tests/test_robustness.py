@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from toydata import toy_recipe, write_toy_corpus
 
 import tdlm.data.tokenizer
-from tdlm import checkpoint as ckpt
+from tdlm.training import checkpointer as ckpt
 from tdlm.cli import cli
 from tdlm.data import DataConfig, load_corpus
-from tdlm.monitor import read_metrics
-from tdlm.train import Trainer
+from tdlm.training.monitor import read_metrics
+from tdlm.training.trainer import Trainer
 
 QUICK = ("--set", "eval.final_splits=[]")  # no final scoring: a toy run in ~2 s
 
@@ -371,9 +371,9 @@ def test_sigterm_during_the_final_scoring_stops_it_at_once(tmp_path, corpus, mon
             return score(*args, **kwargs)
         return wrapped
 
-    import tdlm.train
+    import tdlm.training.trainer
 
-    real_evaluate = tdlm.train.evaluate
+    real_evaluate = tdlm.training.trainer.evaluate
 
     def evaluate(model, *args, **kwargs):
         model.objective.score = type(model.objective).score.__get__(model.objective)
@@ -382,7 +382,7 @@ def test_sigterm_during_the_final_scoring_stops_it_at_once(tmp_path, corpus, mon
         return real_evaluate(model, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "finish", finish)
-    monkeypatch.setattr(tdlm.train, "evaluate", evaluate)
+    monkeypatch.setattr(tdlm.training.trainer, "evaluate", evaluate)
     result = ok(invoke("run", recipe, "--set", "eval.batch_size=1"))  # ~25 batches of test scoring
     assert len(scored) == 1, f"{len(scored)} batches of test scored, the SIGTERM came in the first"
     assert "stopped at step 8 of 8" in result.stdout and "--resume" in result.stdout
@@ -440,7 +440,7 @@ def test_a_shard_damaged_mid_training_saves_the_steps_done_then_stops(tmp_path, 
 def test_report_compares_every_pair_that_has_figures(tmp_path):
     from test_report import SWEEP, fabricate_run
 
-    from tdlm.report import comparison_lines, find_runs
+    from tdlm.studies.report import comparison_lines, find_runs
 
     root = tmp_path / "runs"
     for epochs, (diffusion, ar) in SWEEP.items():

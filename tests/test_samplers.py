@@ -10,8 +10,8 @@ from nets import Spy
 from toydata import template_canvas
 
 from tdlm.components import sample_categorical
-from tdlm_plugins.ancestral import time_grid
-from tdlm_plugins.ar_sampler import filter_probs
+from tdlm.builtins.samplers.ancestral import time_grid
+from tdlm.builtins.samplers.autoregressive import filter_probs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

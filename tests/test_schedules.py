@@ -11,7 +11,7 @@ import torch
 from scipy import integrate
 
 from tdlm.components import Schedule, VocabInfo
-from tdlm.plugins import build_registry, get_plugin_manager
+from tdlm.registry import build_registry, get_plugin_manager
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -32,7 +32,7 @@ from tdlm.data import (
     pack,
     train_stream,
 )
-from tdlm.runs import vocab_info
+from tdlm.rundir import vocab_info
 from toydata import write_toy_corpus
 
 SEQ_LEN, SHARD_SIZE, BPE = 16, 50, 300

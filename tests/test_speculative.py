@@ -19,10 +19,10 @@ from scipy import stats
 from toydata import toy_recipe, write_toy_corpus
 
 from tdlm.cli import cli
-from tdlm.draft import DraftError, check_draft, load_draft
-from tdlm.grids import time_grid
-from tdlm_plugins.ar_sampler import filter_probs
-from tdlm_plugins.speculative import sample_residual
+from tdlm.sampling.draft import DraftError, check_draft, load_draft
+from tdlm.sampling.grids import time_grid
+from tdlm.builtins.samplers.autoregressive import filter_probs
+from tdlm.builtins.samplers.speculative import sample_residual
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

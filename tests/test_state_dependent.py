@@ -18,10 +18,10 @@ from nets import ZeroLogits
 from tdlm.components import VocabInfo
 from tdlm.head import Denoised
 from tdlm.model import ModelConfig, Transformer
-from tdlm_plugins.diffusion import DiffusionObjective
-from tdlm_plugins.schedules import CosineSchedule, LinearSchedule, PolynomialSchedule
-from tdlm_plugins.state_dependent import StateDependentMasking, frequency_weights
-from tdlm_plugins.uniform import UniformMasking
+from tdlm.builtins.objectives.diffusion import DiffusionObjective
+from tdlm.builtins.schedules import CosineSchedule, LinearSchedule, PolynomialSchedule
+from tdlm.builtins.corruptions.state_dependent import StateDependentMasking, frequency_weights
+from tdlm.builtins.corruptions.uniform import UniformMasking
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

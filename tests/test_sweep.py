@@ -15,7 +15,7 @@ from toydata import toy_recipe, write_toy_corpus
 
 from tdlm.cli import cli
 from tdlm.config import parse_override, toml_value
-from tdlm.sweep import SweepError, load_sweep, run_sweep, subprocess_runner
+from tdlm.studies.sweep import SweepError, load_sweep, run_sweep, subprocess_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = sorted((ROOT / "recipes" / "sweeps").glob("*.toml"))
@@ -25,7 +25,7 @@ WIKITEXT2_TRAIN_TOKENS = {"gpt2": 2_448_382, "bpe": 3_058_089}
 
 @pytest.fixture(scope="module")
 def shipped():
-    from tdlm.plugins import build_registry
+    from tdlm.registry import build_registry
 
     registry = build_registry()
     return {path.stem: load_sweep(path, registry) for path in SWEEPS}
@@ -218,7 +218,7 @@ def test_runs_skip_resume_restart_and_survive_a_failure(toy_sweep):
 
 
 def test_a_failed_run_makes_the_command_fail_at_the_end(toy_sweep, monkeypatch):
-    monkeypatch.setattr("tdlm.sweep.subprocess_runner", lambda args: 3)
+    monkeypatch.setattr("tdlm.studies.sweep.subprocess_runner", lambda args: 3)
     result = CliRunner().invoke(cli, ["sweep", str(toy_sweep), "--only", "ar-*"])
     assert result.exit_code == 1
     assert "0 finished, 0 skipped, 2 failed, 0 stopped" in result.output

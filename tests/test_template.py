@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from toydata import toy_recipe, write_toy_corpus
 
 from tdlm.cli import cli
-from tdlm.template import TemplateError, cut_at_eos, format_template, parse_template, template_ids
-from tdlm_plugins.ar_sampler import AutoregressiveSampler
+from tdlm.sampling.template import TemplateError, cut_at_eos, format_template, parse_template, template_ids
+from tdlm.builtins.samplers.autoregressive import AutoregressiveSampler
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

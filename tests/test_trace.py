@@ -5,7 +5,7 @@ import pytest
 import torch
 from toydata import template_canvas
 
-from tdlm.trace import commit_steps, draw_trace
+from tdlm.sampling.trace import commit_steps, draw_trace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,12 +10,12 @@ import torch
 from click.testing import CliRunner
 from toydata import toy_recipe
 
-from tdlm import checkpoint as ckpt
+from tdlm.training import checkpointer as ckpt
 from tdlm.cli import cli
 from tdlm.config import read_recipe, resolve_components, resolved_dict
-from tdlm.monitor import read_metrics
-from tdlm.plugins import build_registry
-from tdlm.train import Trainer, TrainingDiverged
+from tdlm.training.monitor import read_metrics
+from tdlm.registry import build_registry
+from tdlm.training.trainer import Trainer, TrainingDiverged
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +70,7 @@ def test_run_writes_everything_a_user_and_a_script_need(tmp_path, corpus, object
     assert resolved(run_dir / "config.toml") == resolved(recipe)
     env = json.loads((run_dir / "environment.json").read_text())
     assert "torch" in env["versions"] and "git_commit" in env
-    assert env["components"]["objective"] == {"name": objective, "plugin": f"tdlm_plugins.{objective}",
+    assert env["components"]["objective"] == {"name": objective, "plugin": f"tdlm.builtins.objectives.{objective}",
                                               "package": "tdlm", "version": env["versions"]["tdlm"]}
     assert "test: " in result.output and "sample 0:" in result.output
 

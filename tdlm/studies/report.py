@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tdlm.monitor import read_metrics
+from tdlm.training.monitor import read_metrics
 
 SPLITS = ("valid", "test")
 Z95 = 1.96

@@ -1,6 +1,6 @@
 """A trained run as an lm-evaluation-harness model, registered there as "tdlm".
 
-Imported only when asked for (`tdlm lm-eval`, or `import tdlm.harness` before calling
+Imported only when asked for (`tdlm lm-eval`, or `import tdlm.studies.harness` before calling
 `lm_eval.simple_evaluate(model="tdlm", model_args={"run": ...})`): it needs the optional
 `lm-eval` package (`pip install -e ".[lm-eval]"`).
 
@@ -55,9 +55,9 @@ def default_device() -> str:
 
 
 def load(run_dir, *, which: str, device: str, sampler: tuple | None):
-    """The run (tdlm.runs.load_run), every problem a TdlmError."""
-    from tdlm.plugins import PluginError
-    from tdlm.runs import check_sampler_fits, load_run
+    """The run (tdlm.rundir.load_run), every problem a TdlmError."""
+    from tdlm.registry import PluginError
+    from tdlm.rundir import check_sampler_fits, load_run
 
     try:
         loaded = load_run(run_dir, which=which, device=device, sampler=sampler, action="scoring it with lm-eval")
@@ -215,7 +215,7 @@ class TdlmLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from tdlm.evaluate import batch_generator
-        from tdlm.template import cut_at_eos
+        from tdlm.sampling.template import cut_at_eos
 
         sampler, mask_id = self.loaded.built.sampler, self.vocab.mask_id
         if "stop_at_eos" in type(sampler).Config.model_fields:  # e.g. ar: no calls after the end

@@ -34,7 +34,7 @@ class Draft:
 
 def load_draft(run_dir: str | Path, *, which: str = "best", device: torch.device | str = "cpu") -> Draft:
     """The network of a trained diffusion run (checkpoint `which`), in eval mode on `device`."""
-    from tdlm.runs import load_run
+    from tdlm.rundir import load_run
 
     loaded = load_run(run_dir, which=which, device=device)
     objective = loaded.built.model.objective

@@ -1,6 +1,6 @@
 """Loading plugins and the typed registry of components they provide.
 
-Built-in components live in `plugins/` (importable as `tdlm_plugins`) and are loaded from the
+Built-in components live in `tdlm/builtins/` and are loaded from the
 explicit list below; third-party packages are found through the `tdlm` entry-point group. Both
 register through the same hooks (tdlm/hookspecs.py). The manager is built by a function, never
 at import time, so every test and every command gets a fresh one.
@@ -23,18 +23,18 @@ KINDS = ("schedule", "corruption", "objective", "sampler")
 _HOOK_OF_KIND = {kind: f"register_{kind}s" for kind in KINDS}
 
 BUILTIN_PLUGINS = (
-    "tdlm_plugins.schedules",
-    "tdlm_plugins.uniform",
-    "tdlm_plugins.state_dependent",
-    "tdlm_plugins.cart",
-    "tdlm_plugins.diffusion",
-    "tdlm_plugins.ar",
-    "tdlm_plugins.ancestral",
-    "tdlm_plugins.ar_sampler",
-    "tdlm_plugins.remasking",
-    "tdlm_plugins.semi_ar",
-    "tdlm_plugins.speculative",
-    "tdlm_plugins.ar_speculative",
+    "tdlm.builtins.schedules",
+    "tdlm.builtins.corruptions.uniform",
+    "tdlm.builtins.corruptions.state_dependent",
+    "tdlm.builtins.corruptions.cart",
+    "tdlm.builtins.objectives.diffusion",
+    "tdlm.builtins.objectives.ar",
+    "tdlm.builtins.samplers.ancestral",
+    "tdlm.builtins.samplers.autoregressive",
+    "tdlm.builtins.samplers.remasking",
+    "tdlm.builtins.samplers.semi_ar",
+    "tdlm.builtins.samplers.speculative",
+    "tdlm.builtins.samplers.ar_speculative",
 )
 
 

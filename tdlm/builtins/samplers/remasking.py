@@ -21,7 +21,7 @@ from pydantic import Field
 
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig, SampleOutput, Sampler, sample_categorical
-from tdlm.grids import commit_count, time_grid
+from tdlm.sampling.grids import commit_count, time_grid
 
 
 class PredictionConfig(ComponentConfig):

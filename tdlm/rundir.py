@@ -219,7 +219,7 @@ def may_change_on_resume(key: str) -> bool:
 def check_resume_config(run_dir: Path, cfg: RunConfig, components: dict, registry=None) -> dict[str, tuple]:
     """Compare the recipe of a resume with the run's saved config.json (both with every default
     filled in). Refuse any change to what is trained; return the allowed changes."""
-    from tdlm.plugins import PluginError, build_registry
+    from tdlm.registry import PluginError, build_registry
 
     run_dir = Path(run_dir)
     try:
@@ -315,11 +315,11 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
     `sampler`: (name, options dict) to sample with another sampler than the recipe's.
     `action`: what the caller is about to do, for the message when the data changed.
     """
-    from tdlm import checkpoint as ckpt
+    from tdlm.training import checkpointer as ckpt
     from tdlm.data import load_corpus
     from tdlm.data.record import check_record
     from tdlm.lm import build_model
-    from tdlm.plugins import build_registry
+    from tdlm.registry import build_registry
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)

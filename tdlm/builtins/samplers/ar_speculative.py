@@ -21,8 +21,8 @@ from pydantic import Field
 
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig, SampleOutput, Sampler, sample_categorical
-from tdlm.draft import DraftMixin
-from tdlm_plugins.ar_sampler import filter_probs
+from tdlm.sampling.draft import DraftMixin
+from tdlm.builtins.samplers.autoregressive import filter_probs
 
 
 class ARSpeculativeSampler(DraftMixin, Sampler):

@@ -39,8 +39,8 @@ from pydantic import Field
 
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig, SampleOutput, Sampler, sample_categorical
-from tdlm.draft import DraftMixin
-from tdlm.grids import time_grid
+from tdlm.sampling.draft import DraftMixin
+from tdlm.sampling.grids import time_grid
 
 
 def step_kernel(corruption, logits, x, t, s, temperature):

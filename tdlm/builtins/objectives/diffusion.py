@@ -9,7 +9,7 @@ from tdlm import hookimpl
 from tdlm.components import ComponentConfig, Objective, SequenceScores, stratified_times
 from tdlm.errors import TdlmError
 from tdlm.head import Denoised
-from tdlm_plugins.schedules import CosineSchedule
+from tdlm.builtins.schedules import CosineSchedule
 
 T_BUCKETS = 10  # per-bucket figures by mask rate, t in tenths
 

@@ -7,7 +7,7 @@ from pydantic import Field
 
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig, SampleOutput, Sampler, sample_categorical
-from tdlm.grids import time_grid
+from tdlm.sampling.grids import time_grid
 
 
 class AncestralSampler(Sampler):

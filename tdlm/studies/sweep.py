@@ -53,9 +53,9 @@ from tdlm.config import (
     resolve_components,
     toml_value,
 )
-from tdlm.runs import run_status, set_aside
+from tdlm.rundir import run_status, set_aside
 
-SLURM_TEMPLATE = Path(__file__).resolve().parent.parent / "launch" / "slurm_array.sh"
+SLURM_TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "slurm_array.sh"
 RESERVED_KEYS = ("run.name", "run.out_dir")  # the sweep sets these itself
 SHORT_KEYS = {"max_train_tokens": "tokens", "max_steps": "steps", "n_layers": "L", "d_model": "d",
               "n_heads": "h", "batch_size": "bs", "seq_len": "len", "name": ""}
@@ -133,7 +133,7 @@ class Sweep:
 # -- reading and expanding ------------------------------------------------------------------
 def load_sweep(path: str | Path, registry=None) -> Sweep:
     """Read a sweep file, expand it into runs and validate every run's resolved recipe."""
-    from tdlm.plugins import build_registry
+    from tdlm.registry import build_registry
 
     path = Path(path)
     raw = read_toml(path, SweepError, f"sweep file {str(path)!r} not found (sweeps ship in recipes/sweeps/)")
@@ -251,7 +251,7 @@ def _base_labels(bases: list[Path]) -> dict[Path, str]:
 
 
 def _check_run(name: str, base: Path, overrides: tuple[str, ...], registry) -> RunConfig:
-    from tdlm.plugins import PluginError
+    from tdlm.registry import PluginError
 
     try:
         cfg = read_recipe(base, overrides)

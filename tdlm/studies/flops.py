@@ -92,7 +92,7 @@ def _gpu_name(device) -> str | None:
     if text == "cuda" or text.startswith("cuda:"):
         import torch
 
-        from tdlm.distributed import device_name
+        from tdlm.training.distributed import device_name
 
         return device_name(device) if torch.cuda.is_available() else None
     return text  # already a device name, e.g. "NVIDIA H100 80GB HBM3"

@@ -6,7 +6,7 @@
 
 The run, its reference, the training bigram set and the unigram distribution are loaded once,
 so one GenEval can score many samplers (benchmarks/sampler_quality.py does). Every metric
-(tdlm/genmetrics.py) is computed on the generated tokens only, not on a prompt, and also on
+(tdlm/studies/genmetrics.py) is computed on the generated tokens only, not on a prompt, and also on
 held-out text of the same shape ("data"), the reference point for each number.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdlm import genmetrics
+from tdlm.studies import genmetrics
 from tdlm.data import train_tokens
 
 COLLAPSE_PROMPT_FRACTION = 4  # default frequency-collapse prompt: a quarter of the length
@@ -34,8 +34,8 @@ class GenEvalError(ValueError):
 
 class GenEval:
     def __init__(self, run_dir, *, reference=None, which: str = "best", device="cpu", registry=None):
-        from tdlm.plugins import build_registry
-        from tdlm.runs import load_run
+        from tdlm.registry import build_registry
+        from tdlm.rundir import load_run
 
         self.registry = registry or build_registry()
         self.device = torch.device(device)
@@ -75,8 +75,8 @@ class GenEval:
         from pydantic import ValidationError
 
         from tdlm.config import format_validation_error
-        from tdlm.plugins import UnknownComponentError
-        from tdlm.runs import check_sampler_fits
+        from tdlm.registry import UnknownComponentError
+        from tdlm.rundir import check_sampler_fits
 
         recipe_component, recipe_options = self.target.components["sampler"]
         options = dict(options or {})

@@ -2,7 +2,7 @@
 
 Both sides train the same Transformer (same config, same initial weights) on the same fixed
 batch, in one process, taking turns (step by step on a CPU) so that load from other
-processes hits both alike. The engine side runs `tdlm.train.Trainer.train_step` itself, the
+processes hits both alike. The engine side runs `tdlm.training.trainer.Trainer.train_step` itself, the
 code `tdlm run` runs each step; the baseline is the loop one would write by hand: the full
 [B, N, V] logits, the loss maths inline, plain AdamW, `clip_grad_norm_`, no accelerate. The
 ratio is what the engine's head (only at masked positions, chunked linear + cross-entropy)
@@ -69,7 +69,7 @@ def bench_config(*, vocab: int, d_model: int, n_layers: int, n_heads: int, batch
     """The RunConfig and resolved components a recipe with these settings would give
     (`model`: the whole [model] section, e.g. a recipe's; it overrides the three sizes)."""
     from tdlm.config import RunConfig, resolve_components
-    from tdlm.plugins import build_registry
+    from tdlm.registry import build_registry
 
     cfg = RunConfig.model_validate({
         "run": {"name": "bench", "seed": seed},
@@ -87,8 +87,8 @@ def engine_trainer(cfg, components, vocab, device: torch.device, batch: torch.Te
     from accelerate import Accelerator
 
     from tdlm.lm import build_model
-    from tdlm.optim import build_optimizer
-    from tdlm.train import Trainer, mixed_precision
+    from tdlm.training.optim import build_optimizer
+    from tdlm.training.trainer import Trainer, mixed_precision
 
     tc = cfg.training
     precision = mixed_precision(tc.mixed_precision) if device.type == "cuda" else "no"
@@ -217,7 +217,7 @@ def measure(*, vocab: int = 4096, d_model: int = 64, n_layers: int = 2, n_heads:
 def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup, objective, device, repeats,
              seed, chunk, model, log) -> dict:
     from tdlm.components import VocabInfo
-    from tdlm.distributed import device_name, unwrap
+    from tdlm.training.distributed import device_name, unwrap
 
     cfg, components = bench_config(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, batch=batch,
                                    seq_len=seq_len, objective=objective, seed=seed, model=model,

@@ -21,7 +21,7 @@ from tdlm.components import ComponentConfig, SampleOutput, Sampler
 
 def inner_component(name: str):
     """The registered sampler called `name` (built-ins and installed plugins)."""
-    from tdlm.plugins import build_registry
+    from tdlm.registry import build_registry
 
     return build_registry().get("sampler", name)
 
@@ -42,7 +42,7 @@ class SemiAutoregressiveSampler(Sampler):
         @field_validator("inner")
         @classmethod
         def _known_sampler(cls, name: str) -> str:
-            from tdlm.plugins import UnknownComponentError
+            from tdlm.registry import UnknownComponentError
 
             try:
                 inner_component(name)

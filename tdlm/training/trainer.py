@@ -18,20 +18,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tdlm import checkpoint as ckpt
+from tdlm.training import checkpointer as ckpt
 from tdlm.config import RecipeError, RunConfig, resolved_dict, to_toml
 from tdlm.data import load_corpus, pack, train_stream
-from tdlm.distributed import (StopAgreement, configure_deepspeed, device_name, from_main, make_accelerator,
+from tdlm.training.distributed import (StopAgreement, configure_deepspeed, device_name, from_main, make_accelerator,
                               unwrap)
 from tdlm.data.manifest import ShardError
 from tdlm.data.record import check_record, data_record, write_record
 from tdlm.errors import CheckpointError, DataError, RunError
 from tdlm.evaluate import EvaluationStopped, evaluate
-from tdlm.flops import flops_per_token, mfu, peak_flops
+from tdlm.studies.flops import flops_per_token, mfu, peak_flops
 from tdlm.lm import build_model
-from tdlm.monitor import RunLogger, read_metrics, rewrite_metrics
-from tdlm.optim import build_optimizer, lr_at
-from tdlm.runs import check_resume_config, claim_run_dir, vocab_info, with_manifest, write_config, write_run_files
+from tdlm.training.monitor import RunLogger, read_metrics, rewrite_metrics
+from tdlm.training.optim import build_optimizer, lr_at
+from tdlm.rundir import check_resume_config, claim_run_dir, vocab_info, with_manifest, write_config, write_run_files
 
 
 class TrainingDiverged(RuntimeError):

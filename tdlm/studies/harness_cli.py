@@ -1,4 +1,4 @@
-"""`tdlm lm-eval RUN --tasks ...`: lm-evaluation-harness tasks on a trained run (tdlm.harness).
+"""`tdlm lm-eval RUN --tasks ...`: lm-evaluation-harness tasks on a trained run (tdlm.studies.harness).
 
 A click command of its own, added to the `tdlm` group in tdlm/cli.py; lm-eval (an optional
 extra) is imported only when the command runs.
@@ -18,9 +18,9 @@ INSTALL = 'pip install -e ".[lm-eval]"'
 
 
 def import_harness():
-    """tdlm.harness, or a one-line TdlmError saying how to install lm-eval."""
+    """tdlm.studies.harness, or a one-line TdlmError saying how to install lm-eval."""
     try:
-        from tdlm import harness
+        from tdlm.studies import harness
     except ImportError as exc:
         if (exc.name or "").split(".")[0] != "lm_eval":
             raise

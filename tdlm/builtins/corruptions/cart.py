@@ -17,7 +17,7 @@ from pydantic import Field
 
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig
-from tdlm_plugins.uniform import UniformMasking
+from tdlm.builtins.corruptions.uniform import UniformMasking
 
 
 def cart_kernel(length: int, p: float, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Built-in corruption processes: uniform, state-dependent, CART."""

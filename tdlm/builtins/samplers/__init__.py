@@ -1,0 +1,1 @@
+"""Built-in samplers: ancestral, confidence/threshold remasking, semi-AR, speculative, AR."""

@@ -1,0 +1,1 @@
+"""Studies of trained runs: sweeps, reports, generation metrics, benchmarks, FLOPs, lm-eval."""

@@ -1,0 +1,1 @@
+"""Training: the loop (trainer), the optimizer, checkpoints, metrics and the process group."""
