@@ -121,8 +121,11 @@ def run(recipe, overrides, unset, resume, stop_at, check):
               help="Draw the NELBO's t under cosine (finite variance) or the recipe's schedule "
                    "(default: the run's objective.eval_schedule).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Score under other components or settings (schedule.*, corruption.*, objective.*, sampler.*, "
+                   "eval.*), e.g. --set corruption.name=uniform (repeatable); the network's shape cannot change.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, t_schedule, device, as_json):
+def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, t_schedule, device, overrides, as_json):
     """Score a trained run on held-out data: valid NELBO (diffusion) or exact NLL (AR).
 
     With --text or --data, any text is tokenised with the run's own tokenizer, packed at the
@@ -139,7 +142,11 @@ def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, t_s
     device = _device(device)
     if seed is not None:
         _check_seed(seed)
-    loaded = _load_run(run_dir, which=which, device=device)
+    loaded = _load_run(run_dir, which=which, device=device, overrides=list(overrides))
+    for key, (saved, used) in loaded.overrides.items():
+        click.echo(f"tdlm: {key}: {saved} -> {used}", err=True)
+    if loaded.left_out:
+        click.echo(f"tdlm: not used under these components: {', '.join(loaded.left_out)}", err=True)
     cfg, corpus = loaded.cfg, loaded.corpus
     objective = loaded.built.model.objective
     if t_schedule is not None and "eval_schedule" in type(objective).Config.model_fields:
@@ -158,6 +165,8 @@ def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, t_s
                           progress=not as_json)
         result["run"] = str(run_dir)
         result["checkpoint"] = loaded.checkpoint.name
+        if loaded.overrides:
+            result["overrides"] = {key: used for key, (_, used) in loaded.overrides.items()}
         if origin is not None:
             result["source"] = source or str(origin)
         results.append(result)
@@ -229,11 +238,10 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
     Reports the model calls (NFE) and the generated tokens per second, the tokens the sampler
     filled (masked positions) over its wall time.
     """
-    import time
-
     import torch
 
-    from tdlm.sampling.template import TemplateError, cut_at_eos, parse_template
+    from tdlm.sampling.generate import generate
+    from tdlm.sampling.template import TemplateError, parse_template
 
     if template is not None:
         if prompt is not None or length is not None:
@@ -268,37 +276,30 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
         built_sampler.config = built_sampler.config.model_copy(update={"stop_at_eos": True})
     ids = _canvas_ids(vocab, prompt=prompt, template=template, length=length, seq_len=cfg.data.seq_len)
     canvas = torch.tensor(ids, dtype=torch.long).expand(num, -1).contiguous()
-    generator = torch.Generator(device=device).manual_seed(seed)
     if trace is not None:
         built_sampler.trace = []
-    start = time.perf_counter()
-    out = built_sampler.sample(loaded.built.model.net, canvas.to(device), generator)
-    tokens = out.tokens.cpu()
-    seconds = time.perf_counter() - start
+    generator = torch.Generator(device=device).manual_seed(seed)
+    made = generate(loaded.built.model.net, built_sampler, canvas, generator, vocab, stop_at_eos=stop_at_eos)
+    (out,) = made.outputs
+    name = loaded.components["sampler"][0].name
     if trace is not None:
         from tdlm.sampling.trace import draw_trace
 
         frames = [canvas[0]] + [frame[0] for frame in built_sampler.trace]
-        if not torch.equal(frames[-1], tokens[0]):
-            frames.append(tokens[0])
-        name = loaded.components["sampler"][0].name
+        if not torch.equal(frames[-1], made.tokens[0]):
+            frames.append(made.tokens[0])
         draw_trace([f.numpy() for f in frames], vocab.mask_id, vocab.decode, trace, title=f"{name}:")
         click.echo(f"wrote {trace} ({len(frames) - 1} steps of sample 0)", err=True)
-    generated = int((canvas == vocab.mask_id).sum())
-    tokens_per_s = generated / max(seconds, 1e-9)
-    rows = [cut_at_eos(row, canvas[0], vocab.mask_id, vocab.bos_id) if stop_at_eos else row.tolist()
-            for row in tokens]
-    texts = [vocab.decode(row) for row in rows]
     if as_json:
-        click.echo(json.dumps({"samples": texts, "nfe": out.nfe, "seconds": seconds, "tokens_per_s": tokens_per_s,
-                               "generated_tokens": generated, "sampler": loaded.components["sampler"][0].name,
-                               "stats": out.stats},
+        click.echo(json.dumps({"samples": made.texts, "nfe": out.nfe, "seconds": made.seconds,
+                               "tokens_per_s": made.tokens_per_s, "generated_tokens": made.generated_tokens,
+                               "sampler": name, "stats": out.stats},
                               indent=2))
         return
-    for i, text in enumerate(texts):
+    for i, text in enumerate(made.texts):
         click.echo(f"--- sample {i}\n{text}")
-    click.echo(f"--- {num} x {len(ids)} tokens ({generated} generated), {out.nfe} model calls, "
-               f"{seconds:.2f} s, {tokens_per_s:,.0f} tokens/s")
+    click.echo(f"--- {num} x {len(ids)} tokens ({made.generated_tokens} generated), {out.nfe} model calls, "
+               f"{made.seconds:.2f} s, {made.tokens_per_s:,.0f} tokens/s")
     if out.stats:
         click.echo("--- " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in out.stats.items() if not isinstance(v, (list, dict))))
@@ -306,7 +307,7 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
 
 @cli.command()
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
-@click.option("--dry-run", is_flag=True, help="Only list the runs: name, status (done/partial/restart/new), size, overrides.")
+@click.option("--dry-run", is_flag=True, help="Only list the runs: name, status (finished/stopped/aborted/new), size, overrides.")
 @click.option("--only", "patterns", multiple=True, metavar="GLOB",
               help="Only the runs whose name matches, e.g. --only 'ar-*' (repeatable).")
 @click.option("--emit", type=click.Choice(["accelerate", "slurm"]), default=None,
@@ -319,7 +320,7 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
 def sweep(sweep_file, dry_run, patterns, emit, launch_config, gpus, time_limit):
     """Train every run of a SWEEP_FILE (base recipes x a grid of overrides), one after the other.
 
-    Every run's recipe is validated first. Finished runs are skipped and partial ones resumed,
+    Every run's recipe is validated first. Finished runs are skipped and stopped ones resumed,
     so the same command continues a sweep; a failed run is reported at the end (exit code 1).
     """
     from tdlm.config import RecipeError

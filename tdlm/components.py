@@ -10,10 +10,16 @@ applied only at the masked positions, where the NELBO has terms.
 
 Flow: data -> corruption (forward process, uses a schedule) -> model -> objective -> step ->
 eval (objective.score) -> sample (sampler, uses the corruption's reverse kernel).
+
+A component may say which methods it calls on the others (`needs_corruption`, ...): a recipe
+whose parts do not fit is refused when it is resolved (`tdlm run --check`), not at the first
+eval or sample. A method counts as provided when the class overrides the base's placeholder
+(the ones marked `@required` below raise NotImplementedError); `implements(cls, name)` tells.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -24,6 +30,20 @@ from torch import Tensor, nn
 from tdlm.head import Denoised
 
 Denoiser = Callable[[Tensor], Denoised]  # x_t [B, N] -> the prediction mu(. | x_t), see Denoised
+
+
+def required(method: Callable) -> Callable:
+    """Marks a base-class method that only raises NotImplementedError: a subclass that does not
+    override it lacks it (`implements`)."""
+    method.__tdlm_required__ = True
+    return method
+
+
+def implements(cls: type, name: str) -> bool:
+    """Whether component class `cls` provides method `name`: it has one, and it is not a base
+    class's `@required` placeholder."""
+    method = getattr(cls, name, None)
+    return callable(method) and not getattr(method, "__tdlm_required__", False)
 
 
 class ComponentConfig(BaseModel):
@@ -43,11 +63,42 @@ class VocabInfo:
     """np.ndarray [V]: how often each token occurs in the train split (None when unknown)."""
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What tdlm tells a corruption, objective and sampler about the model it is built for
+    (`self.context`; None when a component is built by hand without one).
+
+    `seq_len` is the model's N, the longest sequence the network takes. The x0 or canvas a
+    component is handed may be shorter: evaluation scores the last, partial sequence of a split
+    (the tail) at its own length, and `tdlm sample --length/--template` asks for any length up
+    to N. Work from `x0.shape[1]` for the sequence at hand; use `seq_len` for what must be fixed
+    when the component is built (e.g. a buffer over every position)."""
+
+    seq_len: int
+    vocab: VocabInfo
+
+
+def build_component(cls: type, config: ComponentConfig, *, context: RunContext | None, **parts):
+    """`cls(config, **parts, context=context)`, as tdlm builds every corruption, objective and
+    sampler. A class whose own `__init__` takes no `context` (written before it existed) is built
+    without it and gets `self.context` set right after, so it keeps working."""
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        parameters = ()
+    takes = any(p.name == "context" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    if takes:
+        return cls(config, **parts, context=context)
+    component = cls(config, **parts)
+    component.context = context
+    return component
+
+
 class Schedule:
     """alpha_t: the probability that a token is still clean at time t in [0, 1].
 
-    Implement `alpha` and `alpha_prime` (elementwise on float tensors); `weight` follows.
-    alpha_0 = 1, alpha_1 = 0 (or a tiny eps), monotone decreasing.
+    Implement `alpha` and `alpha_prime` (elementwise on float tensors); `mask_rate` and
+    `weight` follow. alpha_0 = 1, alpha_1 = 0 (or a tiny eps), monotone decreasing.
     """
 
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
@@ -55,15 +106,23 @@ class Schedule:
     def __init__(self, config: ComponentConfig):
         self.config = config
 
+    @required
     def alpha(self, t: Tensor) -> Tensor:
         raise NotImplementedError
 
+    @required
     def alpha_prime(self, t: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def mask_rate(self, t: Tensor) -> Tensor:
+        """1 - alpha_t, the probability that a token is masked at t. Default: `1 - alpha(t)`, which
+        is 0 wherever alpha_t rounds to 1 (t < 1e-16 for linear in float64); override it with a
+        form without that cancellation (t for linear, sin^2(pi t / 2) for cosine)."""
+        return 1.0 - self.alpha(t)
+
     def weight(self, t: Tensor) -> Tensor:
         """NELBO weight w(t) = -alpha'_t / (1 - alpha_t) (docs/maths.md section 1)."""
-        return -self.alpha_prime(t) / (1.0 - self.alpha(t))
+        return -self.alpha_prime(t) / self.mask_rate(t)
 
 
 class Corruption(nn.Module):
@@ -83,19 +142,30 @@ class Corruption(nn.Module):
     and t): holding some positions clean then leaves the forward process of the others as it
     was, and `nelbo_terms` summed over them bounds -log p(them | the clean ones), the bound a
     conditional score needs (docs/maths.md section 1.12). Not so for a fixed count of masks."""
+    needs_schedule: ClassVar[tuple[str, ...]] = ()
+    """Schedule methods this corruption calls (e.g. ("alpha", "alpha_prime")): checked when a
+    recipe is resolved."""
 
-    def __init__(self, config: ComponentConfig, *, schedule: Schedule, vocab: VocabInfo):
+    def __init__(self, config: ComponentConfig, *, schedule: Schedule, vocab: VocabInfo,
+                 context: RunContext | None = None):
         super().__init__()
-        self.config, self.schedule, self.vocab = config, schedule, vocab
+        self.config, self.schedule, self.vocab, self.context = config, schedule, vocab, context
+
+    @classmethod
+    def requirements(cls, config: ComponentConfig) -> dict[str, tuple[str, ...]]:
+        """kind -> the methods this corruption, with these options, calls on that component."""
+        return {"schedule": tuple(cls.needs_schedule)}
 
     def with_schedule(self, schedule: Schedule) -> "Corruption":
         """The same corruption under another schedule (for a schedule_invariant evaluation)."""
-        return type(self)(self.config, schedule=schedule, vocab=self.vocab)
+        return build_component(type(self), self.config, schedule=schedule, vocab=self.vocab, context=self.context)
 
+    @required
     def corrupt(self, x0: Tensor, t: Tensor, generator: torch.Generator | None) -> Tensor:
         """x0 [B, N] long, t [B] -> x_t [B, N] with `vocab.mask_id` at masked positions."""
         raise NotImplementedError
 
+    @required
     def nelbo_terms(self, denoised: Denoised, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """Per-position integrand of the NELBO at time t: [B, N], zero where x_t is not masked.
 
@@ -121,6 +191,7 @@ class Corruption(nn.Module):
         xt = self.corrupt(x0, t, generator)
         return self.nelbo_terms(denoise(xt), x0, xt, t)
 
+    @required
     def reverse_unmask_probs(self, probs: Tensor, xt: Tensor, t: Tensor, s: Tensor) -> Tensor:
         """One reverse step t -> s < t at the masked positions of x_t.
 
@@ -148,17 +219,29 @@ class Objective(nn.Module):
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
     causal: ClassVar[bool] = False
     default_sampler: ClassVar[str] = "ancestral"
+    needs_corruption: ClassVar[tuple[str, ...]] = ()
+    """Corruption methods this objective calls (e.g. ("corrupt", "nelbo_terms")): checked when a
+    recipe is resolved, so a corruption that lacks one is refused before training starts."""
 
-    def __init__(self, config: ComponentConfig, *, corruption: Corruption, vocab: VocabInfo):
+    def __init__(self, config: ComponentConfig, *, corruption: Corruption, vocab: VocabInfo,
+                 context: RunContext | None = None):
         super().__init__()
         self.config, self.corruption, self.vocab = config, corruption, vocab
+        self.context = context if context is not None else getattr(corruption, "context", None)
 
+    @classmethod
+    def requirements(cls, config: ComponentConfig) -> dict[str, tuple[str, ...]]:
+        """kind -> the methods this objective, with these options, calls on that component."""
+        return {"corruption": tuple(cls.needs_corruption)}
+
+    @required
     def loss(
         self, net: nn.Module, x0: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar training loss (nats per real token) and detached tensors worth logging."""
         raise NotImplementedError
 
+    @required
     @torch.no_grad()
     def score(
         self, net: nn.Module, x0: Tensor, *, generator: torch.Generator, t_samples: int
@@ -188,9 +271,23 @@ class Sampler:
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
     trace: list[Tensor] | None = None
     """Set to a list by `tdlm sample --trace`: `record` appends the canvas after each step."""
+    needs_corruption: ClassVar[tuple[str, ...]] = ()
+    """Corruption methods this sampler calls (e.g. ("reverse_unmask_probs",)): checked when a
+    recipe is resolved (`tdlm run --check`), so a corruption that lacks one is refused at once."""
+    needs_objective: ClassVar[tuple[str, ...]] = ()
+    """Objective methods this sampler calls, checked likewise."""
 
-    def __init__(self, config: ComponentConfig, *, objective: Objective, vocab: VocabInfo):
+    def __init__(self, config: ComponentConfig, *, objective: Objective, vocab: VocabInfo,
+                 context: RunContext | None = None):
         self.config, self.objective, self.vocab = config, objective, vocab
+        self.context = context if context is not None else getattr(objective, "context", None)
+
+    @classmethod
+    def requirements(cls, config: ComponentConfig) -> dict[str, tuple[str, ...]]:
+        """kind -> the methods this sampler, with these options, calls on that component. Default:
+        the class attributes; override where they depend on the options (a sampler that runs
+        another sampler needs what that one needs)."""
+        return {"corruption": tuple(cls.needs_corruption), "objective": tuple(cls.needs_objective)}
 
     def record(self, x: Tensor) -> None:
         """Call after each step with the whole canvas [B, L]: a trace picture shows the steps.
@@ -198,6 +295,7 @@ class Sampler:
         if self.trace is not None:
             self.trace.append(x.detach().cpu().clone())
 
+    @required
     @torch.no_grad()
     def sample(
         self, net: nn.Module, canvas: Tensor, generator: torch.Generator, *, positions: Tensor | None = None

@@ -300,7 +300,10 @@ def resolve_components(cfg: RunConfig, registry) -> dict[str, tuple[Any, BaseMod
             section = sampler = ComponentSection(name=objective[0].cls.default_sampler)
         try:
             component = registry.get(kind, section.name)
-            options = component.config_cls.model_validate(none_from_toml(component.config_cls, section.options()))
+            # the registry goes along as validation context: an option naming another component
+            # (semi-ar's inner sampler) is looked up where this recipe's components are
+            options = component.config_cls.model_validate(none_from_toml(component.config_cls, section.options()),
+                                                          context={"registry": registry})
         except UnknownComponentError as exc:
             problems.append(f"{kind}.name: {exc}")
             continue
@@ -315,7 +318,46 @@ def resolve_components(cfg: RunConfig, registry) -> dict[str, tuple[Any, BaseMod
         resolved[kind] = (component, options)
     if problems:
         raise RecipeError("; ".join(problems))
+    problems = unmet_requirements(resolved)
+    if problems:
+        raise RecipeError("; ".join(problems))
     return resolved
+
+
+def unmet_requirements(resolved: dict[str, tuple[Any, BaseModel]]) -> list[str]:
+    """What each resolved component needs of the others (its class's `requirements(config)`, from
+    `needs_corruption` and the like) and they do not implement (tdlm.components.implements): one
+    line each, naming the method, the component that needs it and the one that lacks it."""
+    from tdlm.components import implements
+
+    problems = []
+    for kind, (component, options) in resolved.items():
+        requirements = getattr(component.cls, "requirements", None)
+        for other_kind, methods in (requirements(options) if requirements else {}).items():
+            if other_kind not in COMPONENT_SECTIONS:
+                problems.append(f"{kind} {component.name!r} ({_origin(component)}) declares needs of "
+                                f"{other_kind!r}, which is not a kind of component ({', '.join(COMPONENT_SECTIONS)})")
+                continue
+            if other_kind not in resolved:
+                continue
+            other = resolved[other_kind][0]
+            for method in methods:
+                if not implements(other.cls, method):
+                    problems.append(
+                        f"{kind} {component.name!r} ({_origin(component)}) needs {other_kind}.{method}, which "
+                        f"{other_kind} {other.name!r} ({_origin(other)}) does not implement; pick another "
+                        f"{kind} or {other_kind} (--set {kind}.name=... or --set {other_kind}.name=...), or "
+                        f"implement {method} in {other.cls.__module__}.{other.cls.__qualname__}")
+    return problems
+
+
+def _origin(component) -> str:
+    """'tdlm' for a built-in, else the plugin and package that registered the component."""
+    from tdlm.registry import BUILTIN_PLUGINS
+
+    if component.plugin in BUILTIN_PLUGINS:
+        return "tdlm"
+    return f"plugin {component.plugin!r}, package {component.package}"
 
 
 def resolved_dict(cfg: RunConfig, components: dict) -> dict:

@@ -32,3 +32,8 @@ class CheckpointError(TdlmError):
 
 class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """No checkpoint of that name: the message lists the ones the run has."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite: the run stops and keeps its last good
+    checkpoint (not a user's mistake: exit code 1, with the advice in the message)."""

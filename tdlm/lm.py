@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tdlm.components import Objective, Sampler, VocabInfo
+from tdlm.components import Objective, RunContext, Sampler, VocabInfo, build_component
 from tdlm.config import RunConfig
 from tdlm.model import Transformer
 
@@ -34,14 +34,16 @@ class Built:
 
 
 def build_model(cfg: RunConfig, components: dict, vocab: VocabInfo) -> Built:
-    """Instantiate schedule -> corruption -> objective -> network -> sampler, in that order."""
+    """Instantiate schedule -> corruption -> objective -> network -> sampler, in that order; the
+    corruption, objective and sampler get the model's RunContext (seq_len, vocab)."""
     (schedule_c, schedule_opts) = components["schedule"]
     (corruption_c, corruption_opts) = components["corruption"]
     (objective_c, objective_opts) = components["objective"]
     (sampler_c, sampler_opts) = components["sampler"]
+    context = RunContext(seq_len=cfg.data.seq_len, vocab=vocab)
     schedule = schedule_c.cls(schedule_opts)
-    corruption = corruption_c.cls(corruption_opts, schedule=schedule, vocab=vocab)
-    objective = objective_c.cls(objective_opts, corruption=corruption, vocab=vocab)
+    corruption = build_component(corruption_c.cls, corruption_opts, schedule=schedule, vocab=vocab, context=context)
+    objective = build_component(objective_c.cls, objective_opts, corruption=corruption, vocab=vocab, context=context)
     net = Transformer(cfg.model, vocab_size=vocab.size, max_len=cfg.data.seq_len, causal=objective.causal)
-    sampler = sampler_c.cls(sampler_opts, objective=objective, vocab=vocab)
+    sampler = build_component(sampler_c.cls, sampler_opts, objective=objective, vocab=vocab, context=context)
     return Built(LanguageModel(net, objective), sampler, vocab)

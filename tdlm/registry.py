@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pluggy
 
-from tdlm import __version__, hookspecs
+from tdlm import PLUGIN_API_VERSION, __version__, hookspecs
 
 ENTRY_POINT_GROUP = "tdlm"
 KINDS = ("schedule", "corruption", "objective", "sampler")
@@ -133,10 +133,13 @@ def get_plugin_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
                     stacklevel=2,
                 )
                 continue
+            dist = ep.dist.name if ep.dist else "?"
             try:
-                pm.register(ep.load(), name=ep.name)
+                module = ep.load()
+                problem = plugin_api_problem(getattr(module, "TDLM_PLUGIN_API", None))
+                if problem is None:
+                    pm.register(module, name=ep.name)
             except Exception as exc:  # noqa: BLE001 - any import error of a foreign package
-                dist = ep.dist.name if ep.dist else "?"
                 error = f"{type(exc).__name__}: {exc}"
                 pm.failed_plugins[ep.name] = error
                 warnings.warn(
@@ -145,11 +148,16 @@ def get_plugin_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
                     stacklevel=2,
                 )
                 continue
+            if problem is not None:
+                pm.failed_plugins[ep.name] = problem
+                warnings.warn(f"tdlm plugin {ep.name!r} (package {dist}) was skipped: {problem}. Install a version "
+                              f"of {dist} written for this tdlm, or uninstall it (`pip uninstall {dist}`).",
+                              stacklevel=2)
+                continue
             pm.plugin_distinfo = getattr(pm, "plugin_distinfo", {})
             pm.plugin_distinfo[ep.name] = ep.dist
             unknown = _unknown_hooks(pm, ep.name)
             if unknown:
-                dist = ep.dist.name if ep.dist else "?"
                 error = (f"implements {', '.join(unknown)}, which tdlm does not know (hooks tdlm knows: "
                          f"{', '.join(_HOOK_OF_KIND.values())})")
                 pm.unregister(name=ep.name)
@@ -161,6 +169,24 @@ def get_plugin_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"{exc} (hooks tdlm knows: {', '.join(_HOOK_OF_KIND.values())})") from exc
     return pm
+
+
+def plugin_api_problem(required) -> str | None:
+    """Why a plugin module that declares `TDLM_PLUGIN_API = required` cannot run on this tdlm, or
+    None when it can (or declares nothing). "1" needs major version 1; "1.2" needs major 1 and at
+    least minor 2 (tdlm.PLUGIN_API_VERSION)."""
+    if required is None:
+        return None
+    text = ".".join(map(str, required)) if isinstance(required, tuple) else str(required).strip()
+    parts = text.split(".")
+    have = ".".join(map(str, PLUGIN_API_VERSION))
+    if not 1 <= len(parts) <= 2 or not all(part.isdigit() for part in parts):
+        return f"its TDLM_PLUGIN_API = {required!r} is not a version such as \"1\" or \"1.0\" (this tdlm has {have})"
+    major, minor = int(parts[0]), int(parts[1]) if len(parts) == 2 else 0
+    if major != PLUGIN_API_VERSION[0] or minor > PLUGIN_API_VERSION[1]:
+        return (f"it needs tdlm plugin API {text}, and this tdlm ({__version__}) has plugin API {have} "
+                "(a new major version breaks plugins)")
+    return None
 
 
 def describe_options(config_cls: type) -> list[dict]:

@@ -13,15 +13,16 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from tdlm.components import VocabInfo
-from tdlm.config import (RecipeError, RunConfig, flatten_table, read_recipe, resolve_components, resolved_dict,
-                         to_toml)
+from tdlm.config import (RecipeError, RunConfig, apply_overrides, flatten_table, format_validation_error, read_recipe,
+                         resolve_components, resolved_dict, to_toml)
 from tdlm.data.locate import file_in_the_way
 from tdlm.errors import RunError
 
@@ -85,18 +86,27 @@ def write_run_files(run_dir: Path, cfg: RunConfig, components: dict) -> None:
 
 
 # -- the state of a run directory, and who holds it ------------------------------------------
+# The one vocabulary of a run directory's state, for `tdlm run`, sweeps and reports.
+STATUSES = {
+    "finished": "trained to its last step and scored (summary.json says so)",
+    "stopped": "has a checkpoint but did not finish: stopped on purpose or killed; --resume goes on",
+    "aborted": "started but ended before its first checkpoint: nothing to resume; a new start sets it aside",
+    "new": "no run there yet",
+}
+
+
 def run_status(run_dir: Path) -> str:
-    """done (finished), partial (has a checkpoint), restart (started, no checkpoint) or new."""
+    """The state of a run directory: one of STATUSES."""
     run_dir = Path(run_dir)
     try:
         if json.loads((run_dir / "summary.json").read_text()).get("status") == "finished":
-            return "done"
+            return "finished"
     except (OSError, json.JSONDecodeError):
         pass
     if (run_dir / "checkpoints" / "last.json").exists():
-        return "partial"
+        return "stopped"
     if (run_dir / "config.json").exists():
-        return "restart"
+        return "aborted"
     return "new"
 
 
@@ -169,13 +179,13 @@ def claim_run_dir(run_dir: Path, *, resume: bool, echo=print) -> RunLock:
         status = run_status(run_dir)
         if resume and not (run_dir / "checkpoints" / "last.json").exists():
             why = ("it stopped before its first checkpoint; start it again without --resume (the old files go "
-                   "to .aborted/)" if status == "restart" else "start it without --resume")
+                   "to .aborted/)" if status == "aborted" else "start it without --resume")
             raise RunError(f"--resume: no checkpoint to resume in {run_dir} "
                            f"(looked for {run_dir / 'checkpoints' / 'last.json'}); {why}")
-        if not resume and status in ("done", "partial"):
+        if not resume and status in ("finished", "stopped"):
             raise RunError(f"run directory {run_dir} already holds a run; continue it with --resume, "
                            "or start a new one with --set run.name=<new name> (nothing was overwritten)")
-        if not resume and status == "restart":
+        if not resume and status == "aborted":
             moved = set_aside(run_dir, lock)
             lock.release()
             lock = RunLock(run_dir)
@@ -297,6 +307,11 @@ def read_run_config(run_dir: Path) -> RunConfig:
     return RunConfig.model_validate(raw)
 
 
+LOAD_MAY_OVERRIDE = ("schedule.", "corruption.", "objective.", "sampler.", "eval.")
+"""Keys `load_run(overrides=...)` may change: how a trained network is scored or sampled, never its
+shape (model, data) nor what the run was (run, training, logging)."""
+
+
 @dataclass
 class LoadedRun:
     run_dir: Path
@@ -305,15 +320,54 @@ class LoadedRun:
     corpus: object
     built: object  # tdlm.lm.Built
     checkpoint: Path
+    overrides: dict[str, tuple] = field(default_factory=dict)
+    """Dotted key -> (saved value, value used) for every key the overrides changed."""
+    left_out: list[str] = field(default_factory=list)
+    """Checkpoint entries no component uses any more (the learned parameters of a corruption the
+    overrides replaced)."""
+    kept_initial: list[str] = field(default_factory=list)
+    """Component parameters and buffers the checkpoint lacks (a corruption the overrides brought in
+    that has its own): they keep the values the component was built with."""
+
+
+def override_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """A run's config with recipe overrides (`section.key=value`, as `tdlm run --set`) applied to
+    its schedule, corruption, objective, sampler or eval sections. A `.name` that switches a
+    component starts that section from the new component's defaults (the old one's options are
+    dropped), plus the overrides given for it. Any other key is refused: it would change the
+    network's shape or what the run was."""
+    from tdlm.config import parse_override
+
+    raw = cfg.model_dump(mode="json")
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    for text, path, value in parsed:
+        key = ".".join(path)
+        if len(path) < 2 or not any(key.startswith(prefix) for prefix in LOAD_MAY_OVERRIDE):
+            raise RecipeError(f"override {text!r}: a trained run can be loaded with other "
+                              + ", ".join(p.rstrip(".") for p in LOAD_MAY_OVERRIDE)
+                              + " settings only; its model, data, run and training settings are what it was "
+                                "trained with")
+        if path[1:] == ["name"] and path[0] != "eval" and value != (raw.get(path[0]) or {}).get("name"):
+            raw[path[0]] = {"name": value}  # another component: its own defaults, not the old one's options
+    raw = apply_overrides(raw, [text for text, _, _ in parsed])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"overrides {' '.join(overrides)}: {format_validation_error(exc, RunConfig)}") from None
 
 
 def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=None,
-             registry=None, progress: bool = False, action: str = "scoring or sampling it") -> LoadedRun:
+             registry=None, progress: bool = False, action: str = "scoring or sampling it",
+             overrides: list[str] = ()) -> LoadedRun:
     """Rebuild a trained run's model from its saved config and checkpoint, once checked that
     its data and tokenizer are those it was trained with (tdlm.data.record).
 
     `sampler`: (name, options dict) to sample with another sampler than the recipe's.
     `action`: what the caller is about to do, for the message when the data changed.
+    `overrides`: `section.key=value` settings of the schedule, corruption, objective, sampler or
+    eval sections (`tdlm eval --set`), e.g. `corruption.name=uniform` to score the network under
+    another corruption; see `override_config`. An objective whose attention (causal or not)
+    differs from the run's is refused: the network was trained with the other.
     """
     from tdlm.training import checkpointer as ckpt
     from tdlm.data import load_corpus
@@ -324,21 +378,48 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     registry = registry or build_registry()
+    saved_cfg = cfg
+    if overrides:
+        cfg = override_config(cfg, list(overrides))
     components = resolve_components(cfg, registry)
+    if overrides:
+        check_same_attention(registry, saved_cfg, components["objective"][0], run_dir)
     if sampler is not None:
-        name, options = sampler
-        recipe_sampler, recipe_options = components["sampler"]
-        name = name or recipe_sampler.name
-        # the same sampler keeps the recipe's options unless overridden; another starts from its defaults
-        base = recipe_options.model_dump() if name == recipe_sampler.name else {}
-        raw = cfg.model_dump()
-        raw["sampler"] = {"name": name, **base, **options}
-        cfg = RunConfig.model_validate(raw)
-        components = resolve_components(cfg, registry)
+        from tdlm.sampling.select import with_sampler
+
+        cfg, components = with_sampler(cfg, components, registry, *sampler)
     corpus = load_corpus(cfg.data, progress=progress)
     check_record(run_dir, corpus, cfg.data, action=action)
     built = build_model(cfg, components, vocab_info(corpus))
     path, weights = ckpt.read_checkpoint(run_dir, which, ckpt.read_weights)  # safe against a save in progress
-    built.model.load_state_dict(weights)
+    left_out, kept_initial = [], []
+    if overrides:
+        # the network is the run's, whole (strict); the components' state only where they still have it
+        own = built.model.state_dict()
+        left_out = sorted(k for k in weights if k not in own and not k.startswith("net."))
+        kept_initial = sorted(k for k in own if k not in weights and not k.startswith("net."))
+        weights = {k: v for k, v in weights.items() if k not in left_out}
+        built.model.load_state_dict({**{k: v for k, v in own.items() if k in kept_initial}, **weights})
+    else:
+        built.model.load_state_dict(weights)
     built.model.to(device).eval()
-    return LoadedRun(run_dir, cfg, components, corpus, built, path)
+    changes = config_changes(saved_cfg.model_dump(mode="json"), resolved_dict(cfg, components)) if overrides else {}
+    return LoadedRun(run_dir, cfg, components, corpus, built, path, changes, left_out, kept_initial)
+
+
+def check_same_attention(registry, saved_cfg: RunConfig, objective, run_dir: Path) -> None:
+    """Refuse an objective whose network attention (causal or bidirectional) is not the run's."""
+    from tdlm.registry import UnknownComponentError
+
+    def attention(causal) -> str:
+        return "causal" if causal else "bidirectional"
+
+    try:
+        saved = bool(getattr(registry.get("objective", saved_cfg.objective.name).cls, "causal", False))
+    except UnknownComponentError as exc:
+        raise RecipeError(f"the run's own objective is not installed: {exc}") from None
+    wanted = bool(getattr(objective.cls, "causal", False))
+    if wanted != saved:
+        raise RecipeError(f"objective {objective.name!r} needs a {attention(wanted)} network and {run_dir} trained a "
+                          f"{attention(saved)} one (objective {saved_cfg.objective.name!r}); score it with an "
+                          f"objective of its kind")

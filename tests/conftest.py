@@ -119,3 +119,39 @@ def toy_cache(tmp_path_factory, monkeypatch):
     """Token and tokenizer caches in the session's temporary folder, not the user's."""
     monkeypatch.setenv("TDLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
+
+PAIR_SAMPLER = '[sampler]\nname = "ancestral"\nsteps = 8\n'  # the diffusion run's own sampler
+
+
+@pytest.fixture(scope="session")
+def trained_pair(tmp_path_factory):
+    """A toy diffusion run and its AR twin, trained once per session (8 steps each, evals at 4 and
+    8, final valid/test scores, the `ancestral` sampler with 8 steps for diffusion) on paragraphs of
+    toy text with data.documents = "blank-lines" (so they saw <|endoftext|>: --stop-at-eos works).
+
+    {"diffusion": run dir, "ar": run dir, "corpus": folder, "cache": TDLM_CACHE_DIR of the session}.
+    READ-ONLY for every user: a test that resumes, damages or trains a run further copies it first
+    (shutil.copytree) or trains its own."""
+    from click.testing import CliRunner
+    from toydata import toy_recipe, write_toy_corpus
+
+    from tdlm.cli import cli
+
+    root = tmp_path_factory.mktemp("pair")
+    cache = tmp_path_factory.getbasetemp() / "cache"  # the folder toy_cache points at
+    corpus = write_toy_corpus(root / "corpus", paragraph=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is several times faster on a busy machine
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TDLM_CACHE_DIR", str(cache))
+            for objective in ("diffusion", "ar"):
+                recipe = toy_recipe(root / f"{objective}.toml", corpus, root / "runs", objective=objective,
+                                    extra=PAIR_SAMPLER if objective == "diffusion" else "")
+                result = CliRunner().invoke(cli, ["run", str(recipe), "--set", "data.documents=blank-lines"],
+                                            catch_exceptions=False)
+                assert result.exit_code == 0, result.output
+    finally:
+        torch.set_num_threads(threads)
+    return {"diffusion": root / "runs" / "diffusion", "ar": root / "runs" / "ar", "corpus": corpus, "cache": cache}
+

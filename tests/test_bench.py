@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tdlm import head
-from tdlm.studies.bench import bench_config, engine_trainer, measure
+from tdlm.studies.bench import bench_config, engine_step, measure
 from tdlm.cli import cli
 from tdlm.components import VocabInfo
 
@@ -48,18 +48,26 @@ def test_bench_command_prints_the_table(single_thread):
     assert "ratio engine / baseline" in result.output
 
 
-def trainer(objective: str, *, batch: int = 4, micro: int | None = None, device: str = "cpu"):
-    cfg, components = bench_config(vocab=64, d_model=16, n_layers=1, n_heads=2, batch=batch, seq_len=16,
-                                   objective=objective, total_steps=100, seed=0)
-    if micro:
-        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"micro_batch_size": micro})})
-    data = torch.randint(0, 64, (batch, 16), generator=torch.Generator().manual_seed(0))
-    return engine_trainer(cfg, components, VocabInfo(size=64, mask_id=64, bos_id=63), torch.device(device), data)
+class Engine:
+    """The TrainStep of a tiny config, stepping through one fixed batch."""
+
+    def __init__(self, objective: str, *, batch: int = 4, micro: int | None = None, device: str = "cpu"):
+        cfg, components = bench_config(vocab=64, d_model=16, n_layers=1, n_heads=2, batch=batch, seq_len=16,
+                                       objective=objective, total_steps=100, seed=0)
+        if micro:
+            cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"micro_batch_size": micro})})
+        self.data = torch.randint(0, 64, (batch, 16), generator=torch.Generator().manual_seed(0))
+        self.train_step = engine_step(cfg, components, VocabInfo(size=64, mask_id=64, bos_id=63), torch.device(device))
+        self.optimizer, self.step = self.train_step.optimizer, 0
+
+
+def trainer(objective: str, **kwargs) -> Engine:
+    return Engine(objective, **kwargs)
 
 
 def run_steps(engine, n: int) -> None:
     for _ in range(n):
-        engine.train_step()
+        engine.train_step(engine.step, engine.data)
         engine.step += 1
 
 

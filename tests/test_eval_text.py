@@ -4,22 +4,17 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from toydata import toy_recipe, write_toy_corpus
 
 from tdlm.cli import cli
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaltext")
-    cache = root / "cache"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TDLM_CACHE_DIR", str(cache))
-        corpus = write_toy_corpus(root / "toy")
-        recipe = toy_recipe(root / "r.toml", corpus, root / "runs")
-        result = CliRunner().invoke(cli, ["run", str(recipe)], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-    return root / "runs" / "r", corpus, cache
+def trained(trained_pair):
+    """The session's toy diffusion run (8 steps, read-only: conftest.trained_pair), its corpus and
+    the token cache it was trained with."""
+    return trained_pair["diffusion"], trained_pair["corpus"], trained_pair["cache"]
 
 
 @pytest.fixture(autouse=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from toydata import toy_recipe, write_toy_corpus
 from torch import nn
 
 from tdlm.studies import genmetrics as gm
@@ -130,20 +130,12 @@ def test_frequency_collapse_kl_by_hand():
 # --- tdlm gen-eval end to end -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A tiny diffusion run and its AR reference on the toy corpus (same BPE), a few steps each."""
-    root = tmp_path_factory.mktemp("geneval")
-    corpus = write_toy_corpus(root / "toy")
-    cache = pytest.MonkeyPatch()
-    cache.setenv("TDLM_CACHE_DIR", str(root / "cache"))
-    for objective in ("diffusion", "ar"):
-        recipe = toy_recipe(root / f"{objective}.toml", corpus, root / "runs", objective=objective,
-                            extra="[sampler]\nname = \"ancestral\"\nsteps = 8\n" if objective == "diffusion" else "")
-        result = CliRunner().invoke(cli, ["run", str(recipe), "--set", "training.max_steps=4",
-                                          "--set", "training.eval_every=4"], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-    yield root / "runs" / "diffusion", root / "runs" / "ar"
-    cache.undo()
+def runs(trained_pair):
+    """The session's tiny diffusion run (sampler ancestral, steps = 8) and its AR reference on the
+    toy corpus (same BPE), with the session's token cache; read-only (conftest.trained_pair)."""
+    with pytest.MonkeyPatch.context() as cache:
+        cache.setenv("TDLM_CACHE_DIR", str(trained_pair["cache"]))
+        yield trained_pair["diffusion"], trained_pair["ar"]
 
 
 def gen_eval(*args):
@@ -201,7 +193,8 @@ def test_gen_eval_text_report_and_an_ar_run(runs, tmp_path):
     result = json.loads(saved.read_text())
     assert result["frequency_collapse"] is None and result["gen_ppl"] is None and result["nfe"] == 12
     assert (tmp_path / saved.name.replace(".json", ".png")).exists()
-    # default folder: RUN_DIR/geneval
+    # default folder: RUN_DIR/geneval (of a copy: the shared run is read-only)
+    target = shutil.copytree(target, tmp_path / "copy" / target.name)
     assert gen_eval(target, "--num", 1, "--length", 8, "--option", "steps=2").exit_code == 0
     assert list((target / "geneval").glob("geneval-ancestral-*.png"))
 

@@ -217,6 +217,9 @@ class BrokenWeight:
     def alpha_prime(self, t):
         return self.inner.alpha_prime(t)
 
+    def mask_rate(self, t):
+        return self.inner.mask_rate(t)
+
     def weight(self, t):
         return self.weight_fn(t)
 
@@ -405,3 +408,82 @@ def test_stratified_times_put_one_t_in_each_stratum(batch):
         offsets.append(t.min().item() * batch)  # u * B: the shared offset within a stratum
     assert len(set(offsets)) == 20  # a fresh offset each call
     assert 0.2 < sum(offsets) / 20 < 0.8
+
+
+class GenericMaskRate:
+    """A schedule whose mask rate is the interface's default 1 - alpha(t) (as before mask_rate)."""
+
+    def __init__(self, schedule):
+        self.inner = schedule
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def mask_rate(self, t):
+        return 1.0 - self.inner.alpha(t)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "geometric"])
+def test_accurate_mask_rate_leaves_the_evaluation_unchanged(registry, schedule):
+    """The closed-form mask rates change nothing at ordinary t: the same seed gives the same masks
+    and the same NELBO as 1 - alpha(t), to rounding, for uniform and state-dependent masking."""
+    from tdlm.components import VocabInfo
+
+    vocab = VocabInfo(size=20, mask_id=20, bos_id=0)
+    x0 = torch.randint(0, 20, (32, 24), generator=gen(0))
+    logits = 3 * torch.randn(20, generator=gen(1))
+    net = lambda x: logits.expand(*x.shape, 20) + (x == 20)[..., None] * torch.arange(20.0) / 20  # noqa: E731
+    for name, options in (("uniform", {}), ("state-dependent", {"weights": "constant", "value": 1.5})):
+        figures = []
+        for wrap in (lambda s: s, GenericMaskRate):
+            schedule_cls = registry.get("schedule", schedule).cls
+            corruption_cls = registry.get("corruption", name).cls
+            corruption = corruption_cls(corruption_cls.Config(**options), vocab=vocab,
+                                        schedule=wrap(schedule_cls(schedule_cls.Config())))
+            objective_cls = registry.get("objective", "diffusion").cls
+            objective = objective_cls(objective_cls.Config(eval_schedule="recipe"), corruption=corruption, vocab=vocab)
+            scores = objective.score(net, x0, generator=gen(2), t_samples=8)
+            figures.append((scores.nll, scores.extras["bucket_masked"]))
+        (nll, masked), (generic_nll, generic_masked) = figures
+        assert torch.equal(masked, generic_masked)  # the same masks were drawn
+        torch.testing.assert_close(nll, generic_nll, rtol=1e-12, atol=0)
+
+
+class MaskRateOnly:
+    """The linear schedule whose alpha must not be called: what uses 1 - alpha_t must ask
+    mask_rate (exact near t = 0), not compute 1 - alpha(t) itself."""
+
+    def __init__(self, schedule):
+        self.inner = schedule
+
+    def alpha(self, t):
+        raise AssertionError("1 - alpha(t) computed outside the schedule: use schedule.mask_rate(t)")
+
+    def alpha_prime(self, t):
+        return self.inner.alpha_prime(t)
+
+    def mask_rate(self, t):
+        return self.inner.mask_rate(t)
+
+    def weight(self, t):
+        return self.inner.weight(t)
+
+
+@pytest.mark.parametrize("corruption", ["uniform", "state-dependent", "cart"])
+def test_the_built_in_corruptions_and_objective_ask_the_schedule_for_the_mask_rate(registry, corruption):
+    from tdlm.components import VocabInfo
+
+    vocab = VocabInfo(size=20, mask_id=20, bos_id=0)
+    linear = registry.get("schedule", "linear").cls
+    corruption_cls = registry.get("corruption", corruption).cls
+    built = corruption_cls(corruption_cls.Config(), schedule=MaskRateOnly(linear(linear.Config())), vocab=vocab)
+    objective_cls = registry.get("objective", "diffusion").cls
+    objective = objective_cls(objective_cls.Config(eval_schedule="recipe"), corruption=built, vocab=vocab)
+    x0 = torch.randint(0, 20, (4, 12), generator=gen(0))
+    net = ZeroLogits(20)
+    assert torch.isfinite(objective.score(net, x0, generator=gen(1), t_samples=3).nll).all()
+    assert torch.isfinite(objective.loss(net, x0, gen(2))[0])
+    probs = torch.full((4, 12, 20), 1 / 20, dtype=torch.float64)
+    t, s = torch.full((4,), 0.5, dtype=torch.float64), torch.full((4,), 0.25, dtype=torch.float64)
+    torch.testing.assert_close(built.reverse_unmask_probs(probs, x0, t, s).sum(-1), torch.full((4, 12), 0.5,
+                                                                                             dtype=torch.float64))

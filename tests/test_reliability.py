@@ -27,6 +27,8 @@ from tdlm.training.trainer import Trainer, TrainingDiverged
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # toy trainings in this process (tests/conftest.py)
+
 
 @pytest.fixture(autouse=True)
 def cache_dir(toy_cache):
@@ -52,6 +54,7 @@ def one_line_error(result, *fragments):
 def python_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"  # toy trainings in a child process: one thread, as in this one
     return env
 
 
@@ -174,16 +177,10 @@ def test_weights_that_diverge_at_a_checkpoint_step_are_never_saved(tmp_path, cor
 
 # -- 4. a sampler of the other objective -------------------------------------------------------
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, corpus):
-    """A diffusion and an AR run, 2 steps each."""
-    root = tmp_path_factory.mktemp("pair")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TDLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-        for objective in ("diffusion", "ar"):
-            recipe = toy_recipe(root / f"{objective}.toml", corpus, root / "runs", objective=objective)
-            result = invoke("run", recipe, "--set", "training.max_steps=2", "--set", "eval.final_splits=[]")
-            assert result.exit_code == 0, result.stderr
-        yield root / "runs"
+def two_runs(trained_pair):
+    """A diffusion and an AR run (the session's, read-only: conftest.trained_pair), in one folder."""
+    assert trained_pair["diffusion"].parent == trained_pair["ar"].parent
+    return trained_pair["diffusion"].parent
 
 
 @pytest.mark.parametrize("command", ["sample", "gen-eval"])
@@ -212,7 +209,7 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_again(tmp_path, corp
         raise RuntimeError("the machine went away")
 
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "train_step", crash)
+        patch.setattr(Trainer, "run_step", crash)
         with pytest.raises(RuntimeError, match="went away"):
             CliRunner().invoke(cli, ["run", str(recipe)], catch_exceptions=False)
     assert (run_dir / "config.json").exists() and not (run_dir / "checkpoints").exists()
@@ -290,7 +287,7 @@ def test_a_broken_line_inside_metrics_is_a_one_line_error(stopped_run):
 def test_summary_figures_cover_every_session(tmp_path, corpus, monkeypatch):
     recipe = toy_recipe(tmp_path / "r.toml", corpus, tmp_path / "runs")
     run_dir = tmp_path / "runs" / "r"
-    slow, step_seconds, step = 0.25, [], Trainer.train_step
+    slow, step_seconds, step = 0.25, [], Trainer.run_step
 
     def timed_step(self):  # the first session's steps take >= 0.25 s each; every step is timed
         began = time.perf_counter()
@@ -300,7 +297,7 @@ def test_summary_figures_cover_every_session(tmp_path, corpus, monkeypatch):
         step_seconds.append(time.perf_counter() - began)
         return loss
 
-    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    monkeypatch.setattr(Trainer, "run_step", timed_step)
     assert invoke("run", recipe, "--stop-at", 3).exit_code == 0
     first = json.loads((run_dir / "summary.json").read_text())
     assert first["train_seconds"] >= sum(step_seconds) >= 3 * slow

@@ -80,7 +80,7 @@ def test_finds_every_run_and_reads_old_and_new_summaries(sweep_dir):
     assert "epochs" not in old.summary
     assert old.epochs == pytest.approx(4) and old.train_tokens == TOKENS_SEEN // 4
     unfinished = next(r for r in runs if r.name == "diffusion-ep256")
-    assert unfinished.status == "partial" and not unfinished.finished and unfinished.final("test") is None
+    assert unfinished.status == "stopped" and not unfinished.finished and unfinished.final("test") is None
 
 
 def test_pairs_twins_and_answers_the_epochs_question(sweep_dir):

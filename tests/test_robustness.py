@@ -26,6 +26,8 @@ from tdlm.training.trainer import Trainer
 
 QUICK = ("--set", "eval.final_splits=[]")  # no final scoring: a toy run in ~2 s
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # toy trainings in this process (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -64,7 +66,7 @@ def ok(result):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, corpus):
+def trained(tmp_path_factory, corpus, single_thread):
     """A toy diffusion run of 8 steps (checkpoints at 4 and 8) and its recipe; read-only."""
     root = tmp_path_factory.mktemp("trained")
     recipe = toy_recipe(root / "r.toml", corpus, root / "runs")
@@ -371,9 +373,9 @@ def test_sigterm_during_the_final_scoring_stops_it_at_once(tmp_path, corpus, mon
             return score(*args, **kwargs)
         return wrapped
 
-    import tdlm.training.trainer
+    import tdlm.training.evaluator
 
-    real_evaluate = tdlm.training.trainer.evaluate
+    real_evaluate = tdlm.training.evaluator.evaluate
 
     def evaluate(model, *args, **kwargs):
         model.objective.score = type(model.objective).score.__get__(model.objective)
@@ -382,7 +384,7 @@ def test_sigterm_during_the_final_scoring_stops_it_at_once(tmp_path, corpus, mon
         return real_evaluate(model, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "finish", finish)
-    monkeypatch.setattr(tdlm.training.trainer, "evaluate", evaluate)
+    monkeypatch.setattr(tdlm.training.evaluator, "evaluate", evaluate)
     result = ok(invoke("run", recipe, "--set", "eval.batch_size=1"))  # ~25 batches of test scoring
     assert len(scored) == 1, f"{len(scored)} batches of test scored, the SIGTERM came in the first"
     assert "stopped at step 8 of 8" in result.stdout and "--resume" in result.stdout
@@ -413,7 +415,7 @@ def test_a_shard_damaged_mid_training_saves_the_steps_done_then_stops(tmp_path, 
     recipe = toy_recipe(tmp_path / "r.toml", corpus, tmp_path / "runs")
     to_shards = ["--set", "data.format=webdataset", "--set", f'data.path="{folder}"', *QUICK]
     run_dir = tmp_path / "runs" / "r"
-    real_step = Trainer.train_step
+    real_step = Trainer.run_step
 
     def step(self):
         loss = real_step(self)
@@ -423,7 +425,7 @@ def test_a_shard_damaged_mid_training_saves_the_steps_done_then_stops(tmp_path, 
             self.stream._cache.clear()
         return loss
 
-    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(Trainer, "run_step", step)
     line = one_line_error(invoke("run", recipe, "--set", "training.eval_every=4", *to_shards),
                           "train-0", "is truncated or corrupt", "tdlm data prepare",
                           "training stopped at step 5 and saved a checkpoint there", "--resume", training=True)

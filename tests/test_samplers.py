@@ -11,7 +11,7 @@ from toydata import template_canvas
 
 from tdlm.components import sample_categorical
 from tdlm.builtins.samplers.ancestral import time_grid
-from tdlm.builtins.samplers.autoregressive import filter_probs
+from tdlm.sampling.next_token import filter_probs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -156,6 +156,58 @@ def test_weight_normalises_the_bound(registry, name, options):
     assert value == pytest.approx((ends[0] - ends[1]).item(), abs=1e-7)
 
 
+# 1 - alpha_t in 150-digit arithmetic (mpmath, which torch installs with sympy), from alpha alone
+def _mp_geometric_alpha(mp, t, sigma_min=1e-4, sigma_max=20.0):
+    return mp.exp(-mp.mpf(sigma_min) ** (1 - t) * mp.mpf(sigma_max) ** t)
+
+
+EXACT_MASK_RATE = {
+    "linear": lambda mp, t: 1 - (1 - t),
+    "cosine": lambda mp, t: 1 - mp.cos(mp.pi * t / 2) ** 2,
+    "polynomial": lambda mp, t, exponent=2.0: 1 - (1 - t ** mp.mpf(exponent)),
+    "loglinear": lambda mp, t, eps=1e-3: 1 - mp.exp(mp.log(1 - (1 - mp.mpf(eps)) * t)),
+    "geometric": lambda mp, t, **options: 1 - _mp_geometric_alpha(mp, t, **options),
+}
+
+
+# geometric's mask rate is at least about sigma_min: a tiny one is where 1 - exp(-sigma) cancels
+MASK_RATE_CASES = CASES + [("geometric", {"sigma_min": 1e-10, "sigma_max": 20.0})]
+
+
+@pytest.mark.parametrize("t", [1e-20, 1e-12, 1e-6, 0.3, 0.999])
+@pytest.mark.parametrize("name, options", MASK_RATE_CASES,
+                         ids=CASE_IDS + ["geometric-sigma_min=1e-10"])
+def test_mask_rate_is_one_minus_alpha_without_cancellation(registry, name, options, t):
+    """mask_rate(t) = 1 - alpha_t to 1e-12 relative, also where 1 - alpha(t) in float64 is 0 or
+    holds a few digits (t = 1e-20 linear, 1e-12 cosine): the corruptions mask with it."""
+    mpmath = pytest.importorskip("mpmath")
+    schedule = make_schedule(registry, name, **options)
+    got = schedule.mask_rate(torch.tensor([t], dtype=torch.float64))
+    assert got.dtype == torch.float64
+    with mpmath.workdps(150):  # t^3 = 1e-60 must survive 1 - (1 - t^3)
+        exact = EXACT_MASK_RATE[name](mpmath, mpmath.mpf(t), **options)  # mpf(t): the float64 t itself
+        assert float(abs(got.item() - exact) / exact) < 1e-12, (got.item(), exact)
+
+
+def test_every_registered_schedule_has_an_exact_mask_rate():
+    missing = set(SCHEDULES) - set(EXACT_MASK_RATE)
+    assert not missing, f"add the exact 1 - alpha of {sorted(missing)} to EXACT_MASK_RATE"
+
+
+def test_the_default_mask_rate_is_one_minus_alpha_and_loses_small_t(registry):
+    """A third-party schedule that gives only alpha gets 1 - alpha(t): right at ordinary t, 0 at
+    t = 1e-20 (why the built-ins override it)."""
+    linear = make_schedule(registry, "linear")
+    t = torch.tensor([1e-20, 0.25, 0.5], dtype=torch.float64)
+    assert Schedule.mask_rate(linear, t).tolist() == [0.0, 0.25, 0.5]
+    assert linear.mask_rate(t).tolist() == t.tolist()
+
+    class OwnMaskRate(Schedule):  # alpha, alpha' and an exact mask rate: the default weight uses it
+        alpha, alpha_prime, mask_rate = linear.alpha, linear.alpha_prime, linear.mask_rate
+
+    assert Schedule.weight(OwnMaskRate(None), t).tolist() == (1.0 / t).tolist()  # -alpha' / mask_rate, 1e20 at 1e-20
+
+
 # --- one model's NELBO is the same under every schedule --------------------------------------
 
 
@@ -191,6 +243,9 @@ class ScaledWeight(Schedule):
 
     def alpha(self, t):
         return self.inner.alpha(t)
+
+    def alpha_prime(self, t):
+        return self.inner.alpha_prime(t)
 
     def weight(self, t):
         return self.factor * self.inner.weight(t)

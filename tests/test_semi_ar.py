@@ -1,12 +1,17 @@
 """Semi-autoregressive sampling: blocks left to right around an inner sampler, options nested."""
 
 import tomllib
+import types
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from nets import Spy
+from nets import Spy, ZeroLogits
+from tdlm import hookimpl
+from tdlm.components import ComponentConfig, SampleOutput, Sampler
 from tdlm.config import RecipeError, RunConfig, read_recipe, resolve_components, resolved_dict, to_toml
+from tdlm.registry import build_registry, get_plugin_manager
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -96,3 +101,51 @@ def test_resolved_config_with_nested_options_is_valid_toml(tmp_path, registry):
     again = read_recipe(tmp_path / "r.toml")
     assert resolved_dict(again, resolve_components(again, registry)) == resolved
     assert tomllib.loads(text)["sampler"]["inner_options"]["top_k"] == 5
+
+
+class FillWith(Sampler):
+    """Fills every position it may commit with one token, in one call."""
+
+    class Config(ComponentConfig):
+        token: int = 1
+
+    @torch.no_grad()
+    def sample(self, net, canvas, generator, *, positions=None):
+        net(canvas)
+        fill = canvas == self.vocab.mask_id
+        if positions is not None:
+            fill &= positions
+        return SampleOutput(tokens=torch.where(fill, self.config.token, canvas), nfe=1)
+
+
+@hookimpl
+def register_samplers(register):
+    register("fill-with", FillWith)
+
+
+def test_an_inner_sampler_registered_only_on_the_callers_registry(build):
+    """semi-ar builds its inner sampler from the registry its options were validated against
+    (validation context "registry"), not from the installed plugins."""
+    pm = get_plugin_manager(entry_points=False)
+    plugin = types.ModuleType("fill_plugin")
+    plugin.register_samplers = register_samplers
+    pm.register(plugin, name="fill-with")
+    registry = build_registry(pm)
+    semi = registry.get("sampler", "semi-ar")
+    options = {"block": 4, "inner": "fill-with", "inner_options": {"token": 2}}
+    config = semi.config_cls.model_validate(options, context={"registry": registry})
+    assert config.inner_options == {"token": 2}
+    built = build(vocab_size=V, seq_len=N)
+    sampler = semi.cls(config, objective=built.model.objective, vocab=built.vocab)
+    canvas = torch.full((3, N), built.vocab.mask_id)
+    canvas[:, 5] = 7
+    spy = Spy(ZeroLogits(V))
+    out = sampler.sample(spy, canvas, gen(0))
+    assert isinstance(sampler.inner, FillWith)
+    assert out.nfe == len(spy.seen) == N // 4  # one call per block
+    assert (out.tokens[:, 5] == 7).all() and (out.tokens[canvas == built.vocab.mask_id] == 2).all()
+    # the installed plugins do not know it: validated without the caller's registry, it is unknown
+    with pytest.raises(ValidationError, match="unknown sampler 'fill-with'"):
+        semi.config_cls.model_validate(options)
+    with pytest.raises(ValidationError, match="token: Input should be a valid integer"):
+        semi.config_cls.model_validate({**options, "inner_options": {"token": "x"}}, context={"registry": registry})

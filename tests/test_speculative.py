@@ -21,7 +21,7 @@ from toydata import toy_recipe, write_toy_corpus
 from tdlm.cli import cli
 from tdlm.sampling.draft import DraftError, check_draft, load_draft
 from tdlm.sampling.grids import time_grid
-from tdlm.builtins.samplers.autoregressive import filter_probs
+from tdlm.sampling.next_token import filter_probs
 from tdlm.builtins.samplers.speculative import sample_residual
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -163,6 +163,25 @@ def test_speculative_samples_the_target_chain_exactly(build, exact_denoiser, cas
         assert st["acceptance_rate"] > 0.9 and per_row.mean() < 0.3 * options["steps"]
     if draft_kind == "uniform":  # a bad draft: many rejections, still exact
         assert st["acceptance_rate"] < 0.8 and st["residual_draws"] > 0
+
+
+@pytest.mark.parametrize("draft_kind", ["table1", "uniform"])
+def test_speculative_is_exact_when_staying_masked_depends_on_mu(build, draft_kind):
+    """State-dependent masking with unequal w_v: the probability that a position stays masked
+    depends on mu, so the target's and the draft's differ in it too (under uniform masking they
+    are equal and cancel in P/Q)."""
+    from tdlm.builtins.corruptions.state_dependent import inverse_softplus
+
+    built = build(vocab_size=V, seq_len=N, schedule="linear", corruption="state-dependent",
+                  sampler={"name": "speculative", "steps": 3, "draft_steps": 2})
+    with torch.no_grad():
+        built.model.objective.corruption.param.copy_(inverse_softplus(torch.tensor([0.4, 1.0, 3.0])))
+    built.sampler.draft_net = make_net(draft_kind, None)
+    target = TableNet(V, N, seed=0)
+    states, probs = chain_distribution(built.sampler, target, torch.full((N,), V))
+    out = built.sampler.sample(target, torch.full((6000, N), V), gen(8))
+    assert chisquare_pvalue(out.tokens, states, probs) > 1e-3
+    assert out.stats["residual_draws"] > 0 and out.stats["residual_fallbacks"] == 0
 
 
 def test_the_enumerated_chain_is_the_ancestral_samplers(build, exact_denoiser):

@@ -171,22 +171,22 @@ def fake_history(run_dir: Path, state: str) -> None:
     """Leave a run directory as a finished, checkpointed or checkpoint-less run would."""
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text("{}")
-    if state in ("done", "partial"):
+    if state in ("finished", "stopped"):
         (run_dir / "checkpoints").mkdir()
         (run_dir / "checkpoints" / "last.json").write_text('{"step": 4}')
-    if state == "done":
+    if state == "finished":
         (run_dir / "summary.json").write_text('{"status": "finished"}')
 
 
 def test_dry_run_lists_names_status_sizes_and_overrides(toy_sweep):
-    fake_history(Path("runs/s/diffusion-small"), "done")
-    fake_history(Path("runs/s/diffusion-big"), "partial")
-    fake_history(Path("runs/s/ar-small"), "restart")
+    fake_history(Path("runs/s/diffusion-small"), "finished")
+    fake_history(Path("runs/s/diffusion-big"), "stopped")
+    fake_history(Path("runs/s/ar-small"), "aborted")
     result = CliRunner().invoke(cli, ["sweep", str(toy_sweep), "--dry-run"])
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split() for line in result.output.splitlines()[2:]}
-    assert rows["diffusion-small"][1:3] == ["done", "0.02M"]
-    assert rows["diffusion-big"][1] == "partial" and rows["ar-small"][1] == "restart" and rows["ar-big"][1] == "new"
+    assert rows["diffusion-small"][1:3] == ["finished", "0.02M"]
+    assert rows["diffusion-big"][1] == "stopped" and rows["ar-small"][1] == "aborted" and rows["ar-big"][1] == "new"
     assert rows["ar-big"][-2:] == ["toy_ar.toml", "model.d_model=64"]
     only = CliRunner().invoke(cli, ["sweep", str(toy_sweep), "--dry-run", "--only", "ar-*"])
     assert "diffusion-small" not in only.output and "ar-big" in only.output
@@ -195,9 +195,9 @@ def test_dry_run_lists_names_status_sizes_and_overrides(toy_sweep):
 
 
 def test_runs_skip_resume_restart_and_survive_a_failure(toy_sweep):
-    fake_history(Path("runs/s/diffusion-small"), "done")
-    fake_history(Path("runs/s/diffusion-big"), "partial")
-    fake_history(Path("runs/s/ar-small"), "restart")
+    fake_history(Path("runs/s/diffusion-small"), "finished")
+    fake_history(Path("runs/s/diffusion-big"), "stopped")
+    fake_history(Path("runs/s/ar-small"), "aborted")
     calls = []
 
     def runner(args):
@@ -231,8 +231,8 @@ def test_the_subprocess_runner_reports_exit_codes():
 
 
 def test_emit_accelerate_commands(toy_sweep):
-    fake_history(Path("runs/s/ar-big"), "done")
-    fake_history(Path("runs/s/ar-small"), "partial")
+    fake_history(Path("runs/s/ar-big"), "finished")
+    fake_history(Path("runs/s/ar-small"), "stopped")
     result = CliRunner().invoke(cli, ["sweep", str(toy_sweep), "--emit", "accelerate", "--launch-config", "launch/x.yaml"])
     lines = result.output.splitlines()
     assert len(lines) == 4
@@ -255,7 +255,7 @@ def test_emit_slurm_writes_a_requeue_safe_array_script(toy_sweep, tmp_path):
         pytest.skip("no bash to run the script with")
     # Array task 1 with a checkpoint on disk and a stand-in `python` that waits for SIGTERM:
     # the script must resume, pass the time-limit signal on once, and requeue itself.
-    fake_history(tmp_path / "runs/s/diffusion-big", "partial")
+    fake_history(tmp_path / "runs/s/diffusion-big", "stopped")
     stubs = tmp_path / "stubs"
     stubs.mkdir()
     log = tmp_path / "stub.log"

@@ -119,15 +119,21 @@ def train_tiny(tmp_path_factory, objective: str, documents: str = "blank-lines")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny diffusion run, trained for 2 steps."""
-    yield from train_tiny(tmp_path_factory, "diffusion")
+def trained(trained_pair):
+    """A tiny diffusion run on paragraphs of toy text (data.documents = "blank-lines"): the
+    session's, read-only (conftest.trained_pair)."""
+    return trained_pair["diffusion"]
 
 
 @pytest.fixture(scope="module")
-def trained_ar(tmp_path_factory):
-    """A tiny autoregressive run, trained for 2 steps (the `ar` sampler refuses a diffusion run)."""
-    yield from train_tiny(tmp_path_factory, "ar")
+def trained_ar(trained_pair):
+    """A tiny autoregressive run, the same way (the `ar` sampler refuses a diffusion run)."""
+    return trained_pair["ar"]
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(toy_cache):
+    """Token and tokenizer caches in the session's temporary folder, where the runs were trained."""
 
 
 def sample_json(run_dir, *args):

@@ -17,6 +17,9 @@ from tdlm.training.monitor import read_metrics
 from tdlm.registry import build_registry
 from tdlm.training.trainer import Trainer, TrainingDiverged
 
+# Tiny models train far faster on one thread (two spin against each other on a busy machine).
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(autouse=True)
 def cache_dir(toy_cache):

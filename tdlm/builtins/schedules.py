@@ -1,7 +1,8 @@
 """Noise schedules alpha_t (docs/maths.md section 1): the probability a token is still clean at t.
 
-Every schedule gives alpha_t, its derivative and the NELBO weight w(t) = -alpha'_t / (1 - alpha_t)
-in closed form (the plain ratio loses precision near t = 0 in float32). For a denoiser that does
+Every schedule gives alpha_t, its derivative, the mask rate 1 - alpha_t and the NELBO weight
+w(t) = -alpha'_t / (1 - alpha_t) in closed form: `1 - alpha(t)` cancels to 0 near t = 0 (below
+t = 1e-16 for linear, 1e-8 for cosine, in float64), and the plain ratio loses precision there. For a denoiser that does
 not see t the NELBO is the same for every schedule (substitute u = 1 - alpha_t); the schedule only
 changes the variance of its estimate and, in training, which mask rates are seen how often.
 
@@ -31,6 +32,9 @@ class LinearSchedule(Schedule):
     def alpha_prime(self, t):
         return -torch.ones_like(t)
 
+    def mask_rate(self, t):
+        return t.clone()
+
     def weight(self, t):
         return 1.0 / t
 
@@ -46,6 +50,10 @@ class CosineSchedule(Schedule):
 
     def alpha_prime(self, t):
         return -0.5 * math.pi * torch.sin(math.pi * t)
+
+    def mask_rate(self, t):
+        # 1 - cos^2 = sin^2: no cancellation near t = 0
+        return torch.sin(0.5 * math.pi * t) ** 2
 
     def weight(self, t):
         # closed form: the ratio -alpha'/(1-alpha) loses precision near t = 0 in float32
@@ -70,6 +78,9 @@ class PolynomialSchedule(Schedule):
         p = self.config.exponent
         return -p * t ** (p - 1.0)
 
+    def mask_rate(self, t):
+        return t**self.config.exponent
+
     def weight(self, t):
         return self.config.exponent / t
 
@@ -93,6 +104,9 @@ class LogLinearSchedule(Schedule):
 
     def alpha_prime(self, t):
         return torch.full_like(t, -(1.0 - self.config.eps))
+
+    def mask_rate(self, t):
+        return (1.0 - self.config.eps) * t
 
     def weight(self, t):
         # -alpha' / (1 - alpha) = (1 - eps) / ((1 - eps) t)
@@ -136,6 +150,9 @@ class GeometricSchedule(Schedule):
     def alpha_prime(self, t):
         sigma = self.sigma(t)
         return -sigma * self._log_ratio() * torch.exp(-sigma)
+
+    def mask_rate(self, t):
+        return -torch.expm1(-self.sigma(t))
 
     def weight(self, t):
         sigma = self.sigma(t)

@@ -1,1 +1,3 @@
-"""Sampling helpers shared by the samplers and the CLI: time grids, infill templates, drafts, traces."""
+"""Sampling helpers shared by the samplers and the commands: time grids, the ancestral reverse
+kernel, the AR next-token distribution, drafts, the choice of sampler, generation, infill
+templates and traces."""

@@ -2,7 +2,7 @@
 
 Both sides train the same Transformer (same config, same initial weights) on the same fixed
 batch, in one process, taking turns (step by step on a CPU) so that load from other
-processes hits both alike. The engine side runs `tdlm.training.trainer.Trainer.train_step` itself, the
+processes hits both alike. The engine side runs `tdlm.training.step.TrainStep` itself, the
 code `tdlm run` runs each step; the baseline is the loop one would write by hand: the full
 [B, N, V] logits, the loss maths inline, plain AdamW, `clip_grad_norm_`, no accelerate. The
 ratio is what the engine's head (only at masked positions, chunked linear + cross-entropy)
@@ -22,16 +22,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-
-class FixedBatch:
-    """Stands in for BatchStream: the same host batch at every step, as BatchStream.get gives."""
-
-    def __init__(self, batch: torch.Tensor):
-        self.batch = batch
-
-    def get(self, step: int) -> torch.Tensor:
-        return self.batch
 
 
 # The recipes `--suite` measures: the seed's tiny model and the quick CPU model, each objective.
@@ -81,30 +71,19 @@ def bench_config(*, vocab: int, d_model: int, n_layers: int, n_heads: int, batch
     return cfg, resolve_components(cfg, build_registry())
 
 
-def engine_trainer(cfg, components, vocab, device: torch.device, batch: torch.Tensor):
-    """A Trainer holding exactly what train_step uses, built as Trainer.__init__ builds it, but
-    without a corpus or a run directory (the batch is `batch` at every step)."""
+def engine_step(cfg, components, vocab, device: torch.device):
+    """The TrainStep `tdlm run` would build for this config, on `device`, in one process."""
     from accelerate import Accelerator
 
     from tdlm.lm import build_model
-    from tdlm.training.optim import build_optimizer
-    from tdlm.training.trainer import Trainer, mixed_precision
+    from tdlm.training.step import TrainStep, mixed_precision
 
     tc = cfg.training
     precision = mixed_precision(tc.mixed_precision) if device.type == "cuda" else "no"
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.tc, trainer.stop_at = cfg, tc, None
-    trainer.accelerator = acc = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     torch.manual_seed(cfg.run.seed)
-    trainer.built = build_model(cfg, components, vocab)
-    trainer.stream = FixedBatch(batch)
-    trainer.total_steps = tc.max_steps
-    trainer.micro = tc.micro_batch_size or tc.batch_size
-    model = trainer.built.model
-    trainer.model, trainer.optimizer = acc.prepare(model, build_optimizer(model, tc))
-    trainer.step = 0
-    trainer.window_stats = {}
-    return trainer
+    model = build_model(cfg, components, vocab).model
+    return TrainStep(model, tc, accelerator, seed=cfg.run.seed, total_steps=tc.max_steps)
 
 
 class Baseline:
@@ -179,7 +158,7 @@ def measure(*, vocab: int = 4096, d_model: int = 64, n_layers: int = 2, n_heads:
             seq_len: int = 128, steps: int = 20, warmup: int = 3, objective: str = "diffusion",
             device: str = "cpu", repeats: int = 3, seed: int = 0, threads: int | None = None,
             chunk: int | None = None, model: dict | None = None, fused: bool = False, log=None) -> dict:
-    """Training tokens/s of Trainer.train_step and of the hand-written loop: the median over
+    """Training tokens/s of TrainStep and of the hand-written loop: the median over
     `repeats` rounds of `steps` timed steps each (after `warmup` untimed ones), and the ratio
     engine / baseline: the median over all turns of the two sides' speed ratio in that turn
     (`ratio_of_medians` is the plain ratio of the two medians; it moves with the load).
@@ -224,22 +203,24 @@ def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup
                                    total_steps=repeats * (steps + warmup))
     info = VocabInfo(size=vocab, mask_id=vocab, bos_id=vocab - 1)
     data = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-    trainer = engine_trainer(cfg, components, info, device, data)
+    train_step = engine_step(cfg, components, info, device)
     baseline = Baseline(cfg, components, info, device, data)
-    engine_net = unwrap(trainer.accelerator, trainer.model).net
+    engine_net = unwrap(train_step.accelerator, train_step.model).net
     for (name, a), b in zip(engine_net.state_dict().items(), baseline.net.state_dict().values()):
         if not torch.equal(a, b):
             raise AssertionError(f"engine and baseline start from different weights ({name})")
 
-    def engine_step():
-        loss = trainer.train_step()
-        trainer.step += 1  # as Trainer.fit does after each step
+    step = 0
+
+    def engine():
+        nonlocal step
+        loss, _ = train_step(step, data)  # the same host batch at every step
+        step += 1
         return loss
 
-    sides = {"engine": engine_step, "baseline": baseline.train_step}
+    sides = {"engine": engine, "baseline": baseline.train_step}
     rounds, pairs = [], []  # pairs: baseline / engine seconds of each turn, the two run back to back
     for r in range(repeats):
-        trainer.window_stats = {}  # read and cleared at each logging interval
         for _ in range(warmup):
             for step_fn in sides.values():
                 step_fn()
@@ -265,7 +246,7 @@ def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup
                    "model": cfg.model.model_dump()},
         "fused_head": head_kernel(device),
         "device": device_name(device),
-        "mixed_precision": trainer.accelerator.mixed_precision,
+        "mixed_precision": train_step.accelerator.mixed_precision,
         "parameters": engine_net.num_parameters(),
         "engine_tokens_per_s": engine,
         "baseline_tokens_per_s": base,

@@ -16,14 +16,14 @@ import dataclasses
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tdlm.studies import genmetrics
 from tdlm.data import train_tokens
+from tdlm.sampling.generate import SamplerBug, generate, prompt_canvas
+from tdlm.studies import genmetrics
 
 COLLAPSE_PROMPT_FRACTION = 4  # default frequency-collapse prompt: a quarter of the length
 
@@ -70,28 +70,21 @@ class GenEval:
         return self.target.built.model.objective.causal
 
     def build_sampler(self, name: str | None = None, options: dict | None = None):
-        """(name, validated Config, Sampler). No name: the run's sampler, its recipe options
-        updated by `options`; another name: that sampler's defaults updated by `options`."""
-        from pydantic import ValidationError
-
-        from tdlm.config import format_validation_error
-        from tdlm.registry import UnknownComponentError
+        """(name, validated Config, Sampler), chosen as `tdlm sample` chooses
+        (tdlm.sampling.select): no name or the run's own, its recipe options updated by
+        `options`; another name, that sampler's defaults updated by `options`."""
+        from tdlm.config import RecipeError
         from tdlm.rundir import check_sampler_fits
+        from tdlm.sampling.select import with_sampler
 
-        recipe_component, recipe_options = self.target.components["sampler"]
-        options = dict(options or {})
-        if name is None or name == recipe_component.name:
-            name, options = recipe_component.name, {**recipe_options.model_dump(), **options}
         try:
-            component = self.registry.get("sampler", name)
-            config = component.config_cls.model_validate(options)
-        except UnknownComponentError as exc:
+            _, components = with_sampler(self.target.cfg, self.target.components, self.registry, name, options)
+        except RecipeError as exc:
             raise GenEvalError(str(exc)) from None
-        except ValidationError as exc:
-            raise GenEvalError(format_validation_error(exc, component.config_cls, prefix="sampler.")) from None
-        check_sampler_fits(component, self.target.components["objective"][0])
+        component, config = components["sampler"]
+        check_sampler_fits(component, components["objective"][0])
         objective = self.target.built.model.objective
-        return name, config, component.cls(config, objective=objective, vocab=self.target.built.vocab)
+        return component.name, config, component.cls(config, objective=objective, vocab=self.target.built.vocab)
 
     def data_windows(self, num: int, length: int, split: str = "valid") -> torch.Tensor:
         """`num` held-out windows of `length` tokens, evenly spread over the split (no randomness)."""
@@ -152,25 +145,14 @@ class GenEval:
         name, config, sampler_obj = self.build_sampler(sampler, options)
         start = len(prompt_ids)
 
-        canvas = torch.full((num, length), vocab.mask_id, dtype=torch.long)
-        canvas[:, :start] = torch.tensor(prompt_ids, dtype=torch.long)
+        canvas = prompt_canvas(prompt_ids, num=num, length=length, mask_id=vocab.mask_id)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        outputs, seconds = [], 0.0
-        for chunk in canvas.split(batch_size or num):
-            chunk = chunk.to(self.device)
-            self._synchronize()
-            began = time.perf_counter()
-            try:
-                outputs.append(sampler_obj.sample(self.net, chunk, generator))
-            except ValueError as exc:  # e.g. a speculative sampler without a usable draft
-                raise GenEvalError(f"sampler {name!r}: {exc}") from exc
-            self._synchronize()
-            seconds += time.perf_counter() - began
-        tokens = torch.cat([out.tokens for out in outputs]).cpu()
-        if (tokens == vocab.mask_id).any() or not torch.equal(tokens[:, :start], canvas[:, :start]):
-            raise GenEvalError(f"sampler {name!r} left masks or changed the prompt: a bug in the sampler")
+        try:
+            made = generate(self.net, sampler_obj, canvas, generator, vocab, batch_size=batch_size, text_from=start)
+        except (SamplerBug, ValueError) as exc:  # ValueError: e.g. a speculative sampler without a usable draft
+            raise GenEvalError(f"sampler {name!r}: {exc}") from exc
+        tokens, outputs, seconds, generated = made.tokens, made.outputs, made.seconds, made.generated_tokens
 
-        generated = num * (length - start)
         result = {
             "run": str(self.target.run_dir),
             "checkpoint": self.target.checkpoint.name,
@@ -192,7 +174,7 @@ class GenEval:
             ("collapse", num, length, tuple(prompt_ids), collapse_prompt_tokens),
             lambda: self.collapse(num, length, prompt_ids, collapse_prompt_tokens),
         )
-        result["samples"] = [vocab.decode(row[start:]) for row in tokens]
+        result["samples"] = made.texts
         result["tokens"] = tokens[:, start:].tolist()  # the generated ids, for re-scoring
         result["id"] = settings_hash(result)
         return result
@@ -200,10 +182,6 @@ class GenEval:
     def _data_metrics(self, num: int, length: int, start: int) -> dict:
         """The same metrics on held-out windows (their first `start` tokens as the prompt)."""
         return {"split": "valid", **self.text_metrics(self.data_windows(num, length), start)}
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def output_counters(outputs) -> dict:

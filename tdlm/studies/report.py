@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tdlm.rundir import run_status
 from tdlm.training.monitor import read_metrics
 
 SPLITS = ("valid", "test")
@@ -53,10 +54,8 @@ class Run:
 
     @property
     def status(self) -> str:
-        """finished or stopped (from summary.json), else partial (a checkpoint) or started."""
-        if "status" in self.summary:
-            return self.summary["status"]
-        return "partial" if (self.path / "checkpoints" / "last.json").exists() else "started"
+        """The run directory's status (tdlm.rundir.STATUSES)."""
+        return run_status(self.path)
 
     @property
     def finished(self) -> bool:

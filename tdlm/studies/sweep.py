@@ -22,9 +22,9 @@ file's stem; left out for a single base), one label per grid key (`lr0.001`) and
 (its label, or its keys' labels), e.g. `ar-lr0.001-ep20`. Every run's recipe is read with its
 overrides and its components resolved at load time, so a typo fails before anything runs.
 
-A run is done when its summary.json says finished, partial when it has a checkpoint (it goes
-on with --resume), and "restart" when it started but died before its first checkpoint: that
-directory is moved to <out_dir>/<name>/.aborted/ and the run starts again.
+A run's status is tdlm.rundir's: finished (skipped), stopped (it has a checkpoint: it goes on
+with --resume), aborted (it started but died before its first checkpoint: that directory is
+moved to <out_dir>/<name>/.aborted/ and the run starts again) or new.
 """
 
 from __future__ import annotations
@@ -289,8 +289,7 @@ def format_plan(sweep: Sweep, runs: list[SweepRun]) -> str:
         rows.append((run.name, run_status(run.run_dir), params, _display_path(run.base), " ".join(run.varied)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
-    lines.append("status: done = finished (skipped); partial = has a checkpoint (resumed); restart = died before "
-                 "its first checkpoint (set aside in .aborted/, started again); new")
+    lines.append("status: finished (skipped), stopped (resumed), aborted (set aside in .aborted/, started again), new")
     return "\n".join(lines)
 
 
@@ -343,7 +342,7 @@ def subprocess_runner(args: list[str]) -> int:
 
 def run_sweep(runs: list[SweepRun], *, runner: Callable[[list[str]], int] | None = None,
               echo: Callable[[str], None] = print) -> dict[str, list[str]]:
-    """Train the runs one after the other: skip finished ones, resume partial ones.
+    """Train the runs one after the other: skip finished ones, resume stopped ones.
 
     `runner(args)` trains one run from the arguments of `tdlm run` and returns its exit code
     (default: subprocess_runner). Returns {"finished", "skipped", "failed", "stopped"} -> run
@@ -353,14 +352,14 @@ def run_sweep(runs: list[SweepRun], *, runner: Callable[[list[str]], int] | None
     outcome = {"finished": [], "skipped": [], "failed": [], "stopped": []}
     for i, run in enumerate(runs, 1):
         status = run_status(run.run_dir)
-        if status == "done":
+        if status == "finished":
             echo(f"[{i}/{len(runs)}] {run.name}: finished already, skipped")
             outcome["skipped"].append(run.name)
             continue
-        if status == "restart":
+        if status == "aborted":
             moved = set_aside(run.run_dir)
             echo(f"[{i}/{len(runs)}] {run.name}: died before its first checkpoint; moved to {moved}, starting again")
-        args = run_arguments(run, resume=status == "partial")
+        args = run_arguments(run, resume=status == "stopped")
         echo(f"[{i}/{len(runs)}] {run.name}: tdlm run {shlex.join(args)}")
         try:
             code = runner(args)
@@ -371,7 +370,7 @@ def run_sweep(runs: list[SweepRun], *, runner: Callable[[list[str]], int] | None
         if code != 0:
             outcome["failed"].append(run.name)
             echo(f"[{i}/{len(runs)}] {run.name}: failed (exit code {code}); going on with the next run")
-        elif run_status(run.run_dir) == "done":
+        elif run_status(run.run_dir) == "finished":
             outcome["finished"].append(run.name)
         else:  # stopped on purpose (a signal sent to the run alone): not a failure, not done
             outcome["stopped"].append(run.name)
@@ -380,13 +379,13 @@ def run_sweep(runs: list[SweepRun], *, runner: Callable[[list[str]], int] | None
 
 # -- launch commands for other machines ------------------------------------------------------
 def accelerate_commands(runs: list[SweepRun], launch_config: str) -> list[str]:
-    """One `accelerate launch` line per run; finished runs as comments, partial ones resume."""
+    """One `accelerate launch` line per run; finished runs as comments, stopped ones resume."""
     lines = []
     for run in runs:
         status = run_status(run.run_dir)
-        args = run_arguments(run, resume=status == "partial")
+        args = run_arguments(run, resume=status == "stopped")
         line = shlex.join(["accelerate", "launch", "--config_file", launch_config, "-m", "tdlm", "run", *args])
-        lines.append(f"# finished: {line}" if status == "done" else line)
+        lines.append(f"# finished: {line}" if status == "finished" else line)
     return lines
 
 

@@ -327,3 +327,62 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """When and how the trainer's checkpoints are written: at every evaluation, every
+    `training.checkpoint_every` steps (and whenever the run stops); the weights gathered from every
+    process (ZeRO-3 shards included), checked finite, and written by the main process with the
+    trainer's state (under DeepSpeed, the engine's own sharded state beside them)."""
+
+    def __init__(self, run_dir: Path, accelerator, *, deepspeed: int, every: int | None):
+        self.run_dir, self.accelerator, self.deepspeed, self.every = run_dir, accelerator, deepspeed, every
+
+    def due(self, step: int, *, evaluated: bool) -> bool:
+        """A scheduled save: after an evaluation (it may have named a new best) or every
+        `checkpoint_every` steps. (A stop always saves.)"""
+        return evaluated or bool(self.every and step % self.every == 0)
+
+    def save(self, model, step: int, state, *, best: bool, diverged) -> None:
+        """Write checkpoint `step`. `state()` gives the trainer's state (called on the main
+        process after the weights are gathered); `best`: point `best` at it too; `diverged(text)`
+        is the exception to raise when the weights are not finite (they are then not saved)."""
+        from tdlm.training.distributed import from_main, unwrap
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if self.deepspeed:  # every process takes part: under ZeRO-3 this gathers the shards
+            weights = acc.get_state_dict(model)
+        else:  # (get_state_dict would import DeepSpeed whenever it is installed)
+            weights = unwrap(acc, model).state_dict()
+        # only finite weights are ever saved, so "last" is always a good checkpoint (the loss
+        # checked at log steps is the one before the update: the update itself can diverge)
+        finite = all_finite(weights) if acc.is_main_process else None
+        if not from_main(acc, finite):
+            raise diverged(f"the weights became NaN or infinite by step {step}; they were not saved and the run "
+                           f"stopped. The last good checkpoint ({self.last_good()}) is kept. Try a lower training.lr, "
+                           "more training.warmup_steps or training.grad_clip.")
+        fresh = not final_dir(self.run_dir, step).exists()
+        if self.deepspeed and fresh:
+            if acc.is_main_process:
+                open_staging(self.run_dir, step)
+            acc.wait_for_everyone()
+            acc.save_state(str(staging_dir(self.run_dir, step) / "engine"))
+            acc.wait_for_everyone()
+        problem = None
+        if acc.is_main_process:
+            try:
+                save_checkpoint(self.run_dir, step, weights, state(), pointers=("last", "best") if best else ("last",),
+                                staged=self.deepspeed and fresh)
+            except CheckpointError as exc:  # no space left: the staging files are gone, "last" is kept
+                problem = exc
+        problem = from_main(acc, problem)
+        acc.wait_for_everyone()
+        if problem is not None:
+            raise problem
+
+    def last_good(self) -> str:
+        try:
+            return str(checkpoint_dir(self.run_dir, "last"))
+        except (FileNotFoundError, CheckpointError):
+            return "none was written yet"

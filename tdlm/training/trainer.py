@@ -7,7 +7,6 @@ continues exactly where an uninterrupted one would be.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -20,36 +19,18 @@ from tqdm.auto import tqdm
 
 from tdlm.training import checkpointer as ckpt
 from tdlm.config import RecipeError, RunConfig, resolved_dict, to_toml
-from tdlm.data import load_corpus, pack, train_stream
-from tdlm.training.distributed import (StopAgreement, configure_deepspeed, device_name, from_main, make_accelerator,
-                              unwrap)
+from tdlm.data import load_corpus, train_stream
+from tdlm.training.distributed import StopAgreement, device_name, from_main, make_accelerator, unwrap
 from tdlm.data.manifest import ShardError
 from tdlm.data.record import check_record, data_record, write_record
-from tdlm.errors import CheckpointError, DataError, RunError
-from tdlm.evaluate import EvaluationStopped, evaluate
+from tdlm.errors import DataError, RunError, TrainingDiverged
+from tdlm.evaluate import EvaluationStopped
 from tdlm.studies.flops import flops_per_token, mfu, peak_flops
 from tdlm.lm import build_model
 from tdlm.training.monitor import RunLogger, read_metrics, rewrite_metrics
-from tdlm.training.optim import build_optimizer, lr_at
+from tdlm.training.evaluator import Evaluator
+from tdlm.training.step import TrainStep, mixed_precision
 from tdlm.rundir import check_resume_config, claim_run_dir, vocab_info, with_manifest, write_config, write_run_files
-
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-def step_generator(seed: int, step: int, chunk: int, device) -> torch.Generator:
-    """The noise (t and masks) of micro-batch `chunk` of one step, chunks numbered across all
-    processes (process r's i-th of k micro-batches is chunk r * k + i): a pure function of
-    (seed, step, chunk). One process with two micro-batches of 4 and two processes with one
-    micro-batch of 4 each therefore draw the same noise for the same rows."""
-    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 4099 + chunk) % 2**63)
-
-
-def mixed_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 class Trainer:
@@ -84,24 +65,16 @@ class Trainer:
         net = self.built.model.net  # sized before prepare(): ZeRO-3 leaves empty placeholders in the module
         self.sizes = {"parameters": net.num_parameters(), "non_embedding_parameters": net.num_parameters(non_embedding=True)}
         self.flops_per_token = flops_per_token(net, cfg.data.seq_len)["total"]
-        self.valid_seqs, self.valid_tail = pack(self.corpus.splits["valid"], cfg.data.seq_len)
         self.stream = train_stream(self.corpus, cfg.data, self.tc.batch_size, cfg.run.seed,
                                    rank=acc.process_index, world_size=acc.num_processes)
         self.tokens_per_step = self.tc.batch_size * cfg.data.seq_len
         self.total_steps = self.tc.max_steps or math.ceil(self.tc.epochs * self.stream.batches_per_epoch)
-        per_rank = self.tc.batch_size // acc.num_processes
-        self.micro = self.tc.micro_batch_size or per_rank
-        if per_rank % self.micro:
-            raise RecipeError(f"training.micro_batch_size ({self.micro}) must divide the per-process batch ({per_rank})")
-        model = self.built.model
-        if self.tc.compile:
-            # the objectives call net.features (the head is applied where the loss is), so that is
-            # what gets compiled; an attribute, so the state_dict keys stay the same
-            model.net.features = torch.compile(model.net.features)
-        self.optimizer = build_optimizer(model, self.tc)
-        self.deepspeed = configure_deepspeed(acc, self.micro, self.tc.grad_clip)
-        self.model, self.optimizer = acc.prepare(model, self.optimizer)
-        self.step, self.best = 0, math.inf
+        self.train_step = TrainStep(self.built.model, self.tc, acc, seed=cfg.run.seed, total_steps=self.total_steps)
+        self.model, self.optimizer, self.deepspeed = self.train_step.model, self.train_step.optimizer, self.train_step.deepspeed
+        self.evaluator = Evaluator(cfg, self.corpus, acc, total_steps=self.total_steps,
+                                   stop=lambda: self.stop_agreement.any(self.stop_requested))
+        self.checkpointer = ckpt.Checkpointer(self.run_dir, acc, deepspeed=self.deepspeed, every=self.tc.checkpoint_every)
+        self.step = 0
         # totals over every session of the run (kept in the checkpoints): training time alone (no
         # eval, no saving; for tokens/s and MFU) and its steps, wall time, sessions
         self.train_seconds, self.timed_steps, self.wall_before, self.sessions = 0.0, 0, 0.0, 1
@@ -156,15 +129,18 @@ class Trainer:
             if self.stop_agreement.any(self._read_ahead() is not None):
                 raise self._data_damaged(saved=False)  # no step of this session is lost
             while self.step < self.total_steps:
-                self.window_loss += self.train_step()
+                loss, stats = self.run_step()
+                self.window_loss += loss
+                for key, value in stats.items():  # summed on the device; read at the next log step
+                    self.window_stats[key] = self.window_stats.get(key, 0) + value
                 self.step += 1
                 self.window_steps += 1
                 bar.update(1)
-                at_eval = self.step % tc.eval_every == 0 or self.step == self.total_steps
-                at_ckpt = at_eval or (tc.checkpoint_every and self.step % tc.checkpoint_every == 0)
+                at_eval = self.evaluator.should_run(self.step)
                 # the next step's batch is read now: a damaged shard stops the run here, with a checkpoint
                 asked, damaged = self.stop_agreement.each(self.stop_requested, self._read_ahead() is not None)
                 stopping = asked or damaged or self.step == self.stop_at
+                at_ckpt = self.checkpointer.due(self.step, evaluated=at_eval)  # a stop saves too (below)
                 # a stop between log steps logs nothing: its checkpoint carries the open window, and
                 # the next session logs it where an uninterrupted run would
                 logging = self.step % tc.log_every == 0 or at_ckpt
@@ -219,45 +195,26 @@ class Trainer:
                 else f"training stopped before step {self.step + 1}, nothing lost")
         return DataError(f"{what.rstrip('.')}; {done}: once the data is whole, continue with tdlm run RECIPE --resume")
 
-    def train_step(self) -> torch.Tensor:
-        acc, model = self.accelerator, self.model
-        lr = lr_at(self.step, self.total_steps, self.tc)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        ahead, self._prefetched = getattr(self, "_prefetched", None), None
-        batch = ahead[1] if ahead is not None and ahead[0] == self.step else self.stream.get(self.step)
-        if acc.device.type == "cuda":  # from pageable memory, .to(cuda) waits for the GPU to finish the last step
-            batch = batch.pin_memory()
-        batch = batch.to(acc.device, non_blocking=True)
-        micro_batches = batch.split(self.micro)
-        total = torch.zeros((), device=acc.device)
-        for i, micro in enumerate(micro_batches):
-            sync = i == len(micro_batches) - 1  # all-reduce gradients once, on the last micro-batch
-            chunk = acc.process_index * len(micro_batches) + i
-            generator = step_generator(self.cfg.run.seed, self.step, chunk, acc.device)
-            acc.sync_gradients = sync  # DeepSpeed steps inside backward() whenever this is set
-            with acc.no_sync(model) if not sync else contextlib.nullcontext():
-                loss, stats = model(micro, generator)
-                acc.backward(loss / len(micro_batches))
-            total += loss.detach() / len(micro_batches)
-            for key, value in stats.items():  # summed on the device; read at the next log step
-                self.window_stats[key] = self.window_stats.get(key, 0) + value
-        self.grad_norm = acc.clip_grad_norm_(model.parameters(), self.tc.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total
+    def run_step(self) -> tuple[torch.Tensor, dict]:
+        """Train one step on its batch (TrainStep): the loss (on the device) and the objective's stats."""
+        return self.train_step(self.step, self._batch())
+
+    def _batch(self) -> torch.Tensor:
+        """This step's batch: the one read ahead, else read now."""
+        ahead, self._prefetched = self._prefetched, None
+        return ahead[1] if ahead is not None and ahead[0] == self.step else self.stream.get(self.step)
 
     # -- what the loop calls -----------------------------------------------------------------
     def log_train(self, loss: torch.Tensor, tokens_per_s: float, bar) -> None:
         loss = self.accelerator.reduce(loss, reduction="mean").item()  # the host sync of a window
         if not math.isfinite(loss):
-            last = self._last_good()
+            last = self.checkpointer.last_good()
             raise TrainingDiverged(
                 f"training loss became {loss} by step {self.step}; stopped. The last good checkpoint "
                 f"({last}) is kept. Try a lower training.lr, more training.warmup_steps or training.grad_clip."
             )
         metrics = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                   "grad_norm": float(self.grad_norm), "tokens_per_s": tokens_per_s,
+                   "grad_norm": float(self.train_step.grad_norm), "tokens_per_s": tokens_per_s,
                    "epoch": self.stream.epoch_of(self.step)}
         self.logger.log(self.step, metrics, "train")
         if "bucket_loss" in self.window_stats:  # the NELBO integrand per token by t, this window
@@ -268,95 +225,59 @@ class Trainer:
         self.window_stats = {}
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
 
-    def evaluate_and_sample(self, *, sequences: int | None = -1, split: str = "valid") -> dict:
-        """Every process scores its share of the batches; all of them get the gathered result."""
+    def evaluate_and_sample(self) -> dict:
+        """The periodic validation figure (logged; it decides `best`) and samples."""
         model = unwrap(self.accelerator, self.model)
-        limit = self.tc.eval_sequences if sequences == -1 else sequences
-        seqs = self.valid_seqs[:limit] if limit else self.valid_seqs
-        result = self.score(model, seqs, self.valid_tail if len(seqs) == 0 else None, split)
+        result = self.evaluator.validate(model)
+        if not math.isfinite(result["nll_per_token"]):  # NaN weights: nothing to sample or save
+            raise TrainingDiverged(
+                f"the validation figure became {result['nll_per_token']} at step {self.step}; stopped. The last good "
+                f"checkpoint ({self.checkpointer.last_good()}) is kept. Try a lower training.lr, more "
+                "training.warmup_steps or training.grad_clip.")
         self.logger.log(self.step, _scalars(result), "val")
         by_t = {f"masked_ce_t{b['t'][0]:.1f}": b["masked_ce"]
                 for b in result.get("t_buckets", []) if b["masked_ce"] is not None}
         if by_t:
             self.logger.log(self.step, by_t, "val_by_t")
-        self.last_val = result
         self.samples = self.sample_text(model)  # on every process: engines that shard weights need all in the forward
         for i, text in enumerate(self.samples):
             self.logger.text(self.step, f"sample/{i}", text)
-        self.is_best = result["nll_per_token"] < self.best
-        self.best = min(self.best, result["nll_per_token"])
         return result
-
-    def score(self, model, sequences, tail, split: str, *, progress: bool = False, stoppable: bool = False) -> dict:
-        """`stoppable`: a SIGTERM (on any process) ends the scoring early with EvaluationStopped."""
-        acc, ec = self.accelerator, self.cfg.eval
-        stop = (lambda: self.stop_agreement.any(self.stop_requested)) if stoppable else None
-        return evaluate(model, sequences, tail, num_bytes=self.corpus.num_bytes, t_samples=ec.t_samples,
-                        batch_size=ec.batch_size, seed=ec.seed, device=acc.device, split=split,
-                        progress=progress and acc.is_main_process,
-                        shard=(acc.process_index, acc.num_processes),
-                        all_reduce_sum=lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu(), stop=stop)
 
     def sample_text(self, model, num: int | None = None) -> list[str]:
         num = self.cfg.eval.sample_num if num is None else num
         if num == 0:
             return []
-        canvas = torch.full((num, self.cfg.data.seq_len), self.vocab.mask_id, device=self.accelerator.device)
+        from tdlm.sampling.generate import generate, prompt_canvas
+
+        canvas = prompt_canvas([], num=num, length=self.cfg.data.seq_len, mask_id=self.vocab.mask_id)
         generator = torch.Generator(device=self.accelerator.device).manual_seed(self.cfg.eval.seed)
         model.eval()
-        out = self.built.sampler.sample(model.net, canvas, generator)
+        texts = generate(model.net, self.built.sampler, canvas, generator, self.vocab).texts
         model.train()
-        return [self.vocab.decode(row.tolist()) for row in out.tokens]
+        return texts
 
     def save(self) -> None:
         """A full-weights checkpoint any single process can load (`tdlm eval`, `tdlm sample`), plus
-        what resuming needs: the optimizer state in state.pt, or, under DeepSpeed, the engine's
-        own sharded state (accelerate's save_state, one file per process) beside it."""
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if self.deepspeed:  # every process takes part: under ZeRO-3 this gathers the shards
-            weights = acc.get_state_dict(self.model)
-        else:  # (get_state_dict would import DeepSpeed whenever it is installed)
-            weights = unwrap(acc, self.model).state_dict()
-        # only finite weights are ever saved, so "last" is always a good checkpoint (the loss
-        # checked at log steps is the one before the update: the update itself can diverge)
-        finite = ckpt.all_finite(weights) if acc.is_main_process else None
-        if not from_main(acc, finite):
-            raise TrainingDiverged(
-                f"the weights became NaN or infinite by step {self.step}; they were not saved and the run stopped. "
-                f"The last good checkpoint ({self._last_good()}) is kept. Try a lower training.lr, more "
-                "training.warmup_steps or training.grad_clip.")
-        window, problem = None, None
+        what resuming needs (the checkpointer writes it)."""
+        acc, window = self.accelerator, None
         if self.window_steps:  # stopped between log steps: the next session logs this window
             window = {"steps": self.window_steps, "seconds": self.window_seconds,
                       "loss_sum": acc.reduce(self.window_loss, reduction="mean").item(),
                       "stats": {k: acc.reduce(v, reduction="sum").cpu() for k, v in self.window_stats.items()}}
-        fresh = not ckpt.final_dir(self.run_dir, self.step).exists()
-        if self.deepspeed and fresh:
-            if acc.is_main_process:
-                ckpt.open_staging(self.run_dir, self.step)
-            acc.wait_for_everyone()
-            acc.save_state(str(ckpt.staging_dir(self.run_dir, self.step) / "engine"))
-            acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {"step": self.step, "best": self.best, "rng": ckpt.rng_state(), "engine": self.engine_name(),
-                     "processes": acc.num_processes, "total_steps": self.total_steps, "window": window,
-                     "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
+
+        def state() -> dict:
+            state = {"step": self.step, "best": self.evaluator.best, "rng": ckpt.rng_state(),
+                     "engine": self.engine_name(), "processes": acc.num_processes, "total_steps": self.total_steps,
+                     "window": window, "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
                      "wall_seconds": self._wall_seconds(), "sessions": self.sessions,
-                     "pointer_info": {"val_nll": getattr(self, "last_val", {}).get("nll_per_token")}}
+                     "pointer_info": {"val_nll": self.evaluator.last.get("nll_per_token")}}
             if not self.deepspeed:
                 state["optimizer"] = self.optimizer.state_dict()
-            pointers = ("last", "best") if getattr(self, "is_best", False) else ("last",)
-            try:
-                ckpt.save_checkpoint(self.run_dir, self.step, weights, state, pointers=pointers,
-                                     staged=self.deepspeed and fresh)
-            except CheckpointError as exc:  # no space left: the staging files are gone, "last" is kept
-                problem = exc
-        problem = from_main(acc, problem)
-        self.is_best = False
-        acc.wait_for_everyone()
-        if problem is not None:
-            raise problem
+            return state
+
+        best, self.evaluator.is_best = self.evaluator.is_best, False
+        self.checkpointer.save(self.model, self.step, state, best=best, diverged=TrainingDiverged)
 
     def engine_name(self) -> str:
         return f"deepspeed-zero{self.deepspeed}" if self.deepspeed else "ddp" if self.accelerator.num_processes > 1 else "single"
@@ -382,9 +303,8 @@ class Trainer:
             summary["checkpoint"] = best_dir.name
             try:
                 for split in self.cfg.eval.final_splits:
-                    seqs, tail = pack(self.corpus.splits[split], self.cfg.data.seq_len)
-                    summary[split] = self.score(model, seqs, tail, split, progress=self.cfg.logging.progress,
-                                                stoppable=True)
+                    summary[split] = self.evaluator.score_split(model, split, progress=self.cfg.logging.progress,
+                                                                stoppable=True)
                     self.logger.log(self.step, _scalars(summary[split]), f"final_{split}")
             except EvaluationStopped:  # the checkpoint is saved: --resume scores it again
                 summary = {k: v for k, v in summary.items() if k not in ("valid", "test", "checkpoint")}
@@ -454,7 +374,7 @@ class Trainer:
             unwrap(acc, self.model).load_state_dict(weights)
             self.optimizer.load_state_dict(state["optimizer"])
         ckpt.set_rng_state(state["rng"])
-        self.step, self.best = state["step"], state["best"]
+        self.step, self.evaluator.best = state["step"], state["best"]
         if skipped:
             self._fall_back(path, state, skipped)
         if self.step > self.total_steps:
@@ -496,13 +416,13 @@ class Trainer:
             best = ckpt._pointer_or_none(root, "best")
             if best is None or not (root / best["dir"]).is_dir():
                 val = state.get("pointer_info", {}).get("val_nll")
-                self.best = val if val is not None else math.inf  # the next eval that beats it is best
+                self.evaluator.best = val if val is not None else math.inf  # the next eval that beats it is best
                 ckpt.point(self.run_dir, "best", path, self.step, val_nll=val)
             ckpt.point(self.run_dir, "last", path, self.step)
             tqdm.write(f"tdlm: warning: could not read {'; '.join(skipped)}; resuming from the newest readable "
                        f"checkpoint, {path.name}" + (f" (set aside: {', '.join(p.name for p in moved)})" if moved else ""),
                        file=sys.stderr)
-        self.best = from_main(acc, self.best)
+        self.evaluator.best = from_main(acc, self.evaluator.best)
         acc.wait_for_everyone()
 
     def _check_stop_at(self) -> None:
@@ -538,12 +458,6 @@ class Trainer:
             except ValueError:  # not in the main thread
                 pass
         return handlers
-
-    def _last_good(self) -> str:
-        try:
-            return str(ckpt.checkpoint_dir(self.run_dir, "last"))
-        except (FileNotFoundError, CheckpointError):
-            return "none was written yet"
 
 
 def _scalars(result: dict) -> dict:

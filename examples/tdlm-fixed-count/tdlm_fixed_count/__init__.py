@@ -11,12 +11,18 @@ and the weight N / l never exceeds N.
 The recipe's `[schedule]` is not used by the forward process: at time t a fraction of about t of
 the positions is masked, i.e. the linear schedule alpha_t = 1 - t, and the reverse step the
 ancestral sampler takes is that schedule's.
+
+N is the length of the x0 at hand, `x0.shape[1]`, not the model's `self.context.seq_len`: the
+evaluation scores the last, shorter sequence of a split at its own length, and `tdlm sample
+--length` asks for any length up to seq_len.
 """
 
 import torch
 
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig, Corruption
+
+TDLM_PLUGIN_API = "1"  # the tdlm plugin API this module is written for (tdlm.PLUGIN_API_VERSION)
 
 
 def masked_count(t, length):
@@ -25,6 +31,9 @@ def masked_count(t, length):
 
 
 class FixedCountMasking(Corruption):
+    """Masks exactly ceil(t N) of the N positions; LLaDA's (N / l)-weighted NELBO; the linear
+    schedule's reverse step."""
+
     class Config(ComponentConfig):
         """No options: the number of masked tokens is set by t alone."""
 

@@ -70,6 +70,7 @@ class StateDependentMasking(Corruption):
     (RLOO gradient), with their own valid NELBO and reverse step."""
 
     masks_independently = True  # each position with its own token's rate, independently
+    needs_schedule = ("alpha", "alpha_prime")  # mask_rate and weight follow from them
 
     class Config(ComponentConfig):
         weights: Literal["learned", "frequency", "constant"] = "learned"
@@ -86,8 +87,8 @@ class StateDependentMasking(Corruption):
                 raise ValueError('init applies to weights = "learned" only')
             return self
 
-    def __init__(self, config, *, schedule, vocab):
-        super().__init__(config, schedule=schedule, vocab=vocab)
+    def __init__(self, config, *, schedule, vocab, context=None):
+        super().__init__(config, schedule=schedule, vocab=vocab, context=context)
         uses_counts = config.weights == "frequency" or (config.weights == "learned" and config.init == "frequency")
         if uses_counts:
             if vocab.token_counts is None:
@@ -113,11 +114,11 @@ class StateDependentMasking(Corruption):
 
     def _log_mask_rate(self, t):
         """log u_t = log(1 - alpha_t): [B]."""
-        return torch.log(1.0 - self.schedule.alpha(t))
+        return torch.log(self.schedule.mask_rate(t))
 
     def mask_probs(self, x0, t):
         """q(masked | x0_n) = u_t^{w_{x0_n}}: [B, N] in t's dtype."""
-        u = 1.0 - self.schedule.alpha(t)
+        u = self.schedule.mask_rate(t)
         # torch.pow, not exp(w log u): u^1 is exactly u, so constant w = 1 draws uniform's masks
         return torch.pow(u[:, None], self.token_weights().to(u.dtype)[x0])
 

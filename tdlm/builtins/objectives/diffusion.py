@@ -20,6 +20,7 @@ class DiffusionObjective(Objective):
 
     causal = False
     default_sampler = "ancestral"
+    needs_corruption = ("corrupt", "nelbo_terms")
 
     class Config(ComponentConfig):
         t_eps: float = Field(1e-3, ge=0.0, lt=1.0)
@@ -94,7 +95,7 @@ class DiffusionObjective(Objective):
             draws[k] = corruption.nelbo_terms(denoised, x0, xt, t).double().sum(-1)
             rows = denoised.masked.nonzero(as_tuple=True)[0]
             # buckets by mask rate 1 - alpha_t (t itself under the linear schedule)
-            rate = 1.0 - corruption.schedule.alpha(t)
+            rate = corruption.schedule.mask_rate(t)
             bucket = (rate * T_BUCKETS).long().clamp_(min=0, max=T_BUCKETS - 1)[rows]
             ce_sum.index_add_(0, bucket, ce.double())
             correct.index_add_(0, bucket, hit.double())
@@ -152,7 +153,7 @@ def estimator_name(corruption) -> str:
     schedule = corruption.schedule
     name = type(schedule).__name__.removesuffix("Schedule").lower()
     t = torch.tensor([1e-6], dtype=torch.float64)
-    tail = (schedule.weight(t) ** 2 * (1.0 - schedule.alpha(t)) * t).item()
+    tail = (schedule.weight(t) ** 2 * schedule.mask_rate(t) * t).item()
     return f"{name} (heavy-tailed: mc_stderr understates the spread)" if tail > 0.1 else name
 
 

@@ -6,14 +6,17 @@ import torch
 from pydantic import Field
 
 from tdlm import hookimpl
-from tdlm.components import ComponentConfig, SampleOutput, Sampler, sample_categorical
+from tdlm.components import ComponentConfig, SampleOutput, Sampler
 from tdlm.sampling.grids import time_grid
+from tdlm.sampling.kernel import denoiser_probs, reverse_kernel
 
 
 class AncestralSampler(Sampler):
     """The model's own reverse chain: from t = 1 (all masked) to 0 in `steps` steps, each masked
     position unmasking with the reverse-process probability and its token drawn from the
     denoiser (docs/maths.md, samplers). `nfe` counts the real forward passes."""
+
+    needs_corruption = ("reverse_unmask_probs",)  # the reverse step (checked when a recipe is resolved)
 
     class Config(ComponentConfig):
         steps: int = Field(128, ge=1)
@@ -39,20 +42,15 @@ class AncestralSampler(Sampler):
             # the denoiser ignores t, so only the rows whose x_t changed need a new call
             rows = stale.nonzero(as_tuple=True)[0]
             if len(rows):
-                logits = net(x[rows]).double() / self.config.temperature
+                new = denoiser_probs(net(x[rows]), self.config.temperature)
                 if probs is None:
-                    probs = logits.new_empty(batch, *logits.shape[1:])
-                probs[rows], nfe = torch.softmax(logits, dim=-1), nfe + 1
-            t, s = grid[i].expand(batch), grid[i + 1].expand(batch)
-            unmask = corruption.reverse_unmask_probs(probs, x, t, s)  # [B, N, V]
-            # first whether each position unmasks (probability sum_v unmask_v), then which token,
-            # only where one does: the same joint law as one draw over V tokens + "stay masked"
-            leave = torch.rand(masked.shape, generator=generator, device=x.device, dtype=torch.float64)
-            moves = masked & (leave < unmask.sum(-1))
-            if moves.any():
-                x[moves] = sample_categorical(unmask[moves], generator)
-            stale = moves.any(-1)
-            if moves.any():
+                    probs = new.new_empty(batch, *new.shape[1:])
+                probs[rows], nfe = new, nfe + 1
+            kernel = reverse_kernel(corruption, probs, x, grid[i].expand(batch), grid[i + 1].expand(batch))
+            y = kernel.draw(x, masked, generator)
+            stale = (y != x).any(-1)
+            x = y
+            if stale.any():
                 self.record(x)
         return SampleOutput(tokens=x, nfe=nfe)
 

@@ -22,7 +22,7 @@ from pydantic import Field
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig, SampleOutput, Sampler, sample_categorical
 from tdlm.sampling.draft import DraftMixin
-from tdlm.builtins.samplers.autoregressive import filter_probs
+from tdlm.sampling.next_token import next_token_probs
 
 
 class ARSpeculativeSampler(DraftMixin, Sampler):
@@ -49,9 +49,9 @@ class ARSpeculativeSampler(DraftMixin, Sampler):
         self.draft_net = None
 
     def target_probs(self, logits):
-        probs = torch.softmax(logits.double() / self.config.temperature, dim=-1)
-        probs = filter_probs(probs, self.config.top_k, self.config.top_p)
-        return probs / probs.sum(-1, keepdim=True)
+        """The `ar` sampler's next-token distribution: the chain this sampler must reproduce."""
+        cfg = self.config
+        return next_token_probs(logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
 
     @torch.no_grad()
     def sample(self, net, canvas, generator, *, positions=None):

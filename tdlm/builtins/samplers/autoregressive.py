@@ -6,19 +6,7 @@ from pydantic import Field
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig, SampleOutput, Sampler, sample_categorical
 from tdlm.head import last_position_logits
-
-
-def filter_probs(probs: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Zero all but the k most likely tokens and/or the smallest set holding mass top_p."""
-    if top_k is not None and top_k < probs.shape[-1]:
-        kth = probs.topk(top_k, dim=-1).values[..., -1:]
-        probs = torch.where(probs < kth, 0.0, probs)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs = torch.where(mass_before >= top_p * sorted_probs.sum(-1, keepdim=True), 0.0, sorted_probs)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return probs
+from tdlm.sampling.next_token import next_token_probs
 
 
 class AutoregressiveSampler(Sampler):
@@ -38,7 +26,7 @@ class AutoregressiveSampler(Sampler):
 
     @torch.no_grad()
     def sample(self, net, canvas, generator, *, positions=None):
-        mask_id, eos_id = self.vocab.mask_id, self.vocab.bos_id
+        cfg, mask_id, eos_id = self.config, self.vocab.mask_id, self.vocab.bos_id
         x = canvas.clone()
         inputs = torch.cat([torch.full_like(x[:, :1], self.vocab.bos_id), x], dim=1)
         ended = torch.zeros_like(x[:, 0], dtype=torch.bool)  # the row's current span has its EOS
@@ -46,7 +34,7 @@ class AutoregressiveSampler(Sampler):
         for j in range(x.shape[1]):
             masked = x[:, j] == mask_id
             to_fill = masked if positions is None else masked & positions[:, j]
-            if self.config.stop_at_eos:
+            if cfg.stop_at_eos:
                 ended &= masked  # a given token ends the span; the next span starts afresh
                 x[:, j] = torch.where(to_fill & ended, eos_id, x[:, j])
                 inputs[:, j + 1] = x[:, j]
@@ -54,9 +42,9 @@ class AutoregressiveSampler(Sampler):
             if not to_fill.any():
                 continue
             # the head at the last position only: the others' logits would be thrown away
-            logits = last_position_logits(net, inputs[:, : j + 1]).double() / self.config.temperature
+            logits = last_position_logits(net, inputs[:, : j + 1])
             nfe += 1
-            probs = filter_probs(torch.softmax(logits, -1), self.config.top_k, self.config.top_p)
+            probs = next_token_probs(logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
             x[:, j] = torch.where(to_fill, sample_categorical(probs, generator), x[:, j])
             inputs[:, j + 1] = x[:, j]
             ended |= to_fill & (x[:, j] == eos_id)

@@ -12,18 +12,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from tdlm import hookimpl
 from tdlm.components import ComponentConfig, SampleOutput, Sampler
 
 
-def inner_component(name: str):
-    """The registered sampler called `name` (built-ins and installed plugins)."""
+def component_registry(info: ValidationInfo):
+    """The registry the caller validates against, `Config.model_validate(options,
+    context={"registry": registry})`, so that an inner sampler registered on the caller's plugin
+    manager is known. Validated without one (e.g. a Config built in code), the inner sampler is
+    looked up among the built-ins and the installed plugins."""
+    registry = (info.context or {}).get("registry")
+    if registry is not None:
+        return registry
     from tdlm.registry import build_registry
 
-    return build_registry().get("sampler", name)
+    return build_registry()
 
 
 class SemiAutoregressiveSampler(Sampler):
@@ -39,13 +45,17 @@ class SemiAutoregressiveSampler(Sampler):
         """The inner sampler's options, validated by its own Config (e.g. {steps = 8}). Its step
         budget applies to every block. Saved with every default filled in."""
 
+        _inner: tuple = PrivateAttr(None)
+        """(registered Component, its validated Config): the inner sampler as validation resolved
+        it, in the caller's registry; the sampler is built from it."""
+
         @field_validator("inner")
         @classmethod
-        def _known_sampler(cls, name: str) -> str:
+        def _known_sampler(cls, name: str, info: ValidationInfo) -> str:
             from tdlm.registry import UnknownComponentError
 
             try:
-                inner_component(name)
+                component_registry(info).get("sampler", name)
             except UnknownComponentError as exc:
                 raise PydanticCustomError("unknown_sampler", str(exc).replace("{", "{{")) from None
             return name
@@ -59,17 +69,28 @@ class SemiAutoregressiveSampler(Sampler):
 
             if "inner" not in info.data:  # the name was already reported
                 return options
-            config_cls = inner_component(info.data["inner"]).config_cls
+            config_cls = component_registry(info).get("sampler", info.data["inner"]).config_cls
             try:
-                return config_cls.model_validate(options).model_dump(mode="json")
+                return config_cls.model_validate(options, context=info.context).model_dump(mode="json")
             except ValidationError as exc:
                 message = format_validation_error(exc, config_cls).replace("{", "{{")
                 raise PydanticCustomError("inner_options", message) from None
 
+        @model_validator(mode="after")
+        def _resolve_inner(self, info: ValidationInfo):
+            component = component_registry(info).get("sampler", self.inner)
+            self._inner = (component, component.config_cls.model_validate(self.inner_options, context=info.context))
+            return self
+
+    @classmethod
+    def requirements(cls, config):
+        """What the inner sampler needs: semi-ar itself calls nothing on the other components."""
+        component, inner_config = config._inner
+        return component.cls.requirements(inner_config)
+
     def __init__(self, config, *, objective, vocab):
         super().__init__(config, objective=objective, vocab=vocab)
-        component = inner_component(config.inner)
-        inner_config = component.config_cls.model_validate(config.inner_options)
+        component, inner_config = config._inner
         self.inner = component.cls(inner_config, objective=objective, vocab=vocab)
 
     @torch.no_grad()

@@ -1,0 +1,31 @@
+"""Which sampler a trained run samples with, when a command names one (`--sampler`, `--option`).
+
+`tdlm sample`, `tdlm gen-eval` and `tdlm lm-eval` all choose by the same rule, here: the
+recipe's sampler keeps the recipe's options, another sampler starts from its own defaults, and
+the options given override either.
+"""
+
+from __future__ import annotations
+
+from tdlm.config import RunConfig, resolve_components
+
+
+def sampler_section(recipe_sampler: tuple, name: str | None, options: dict) -> dict:
+    """The [sampler] section to sample with. `recipe_sampler`: the run's (Component, Config);
+    `name`: None or the recipe's own name keeps its options, another name starts from defaults;
+    `options` override them."""
+    component, recipe_options = recipe_sampler
+    name = name or component.name
+    base = recipe_options.model_dump() if name == component.name else {}
+    return {"name": name, **base, **options}
+
+
+def with_sampler(cfg: RunConfig, components: dict, registry, name: str | None,
+                 options: dict | None = None) -> tuple[RunConfig, dict]:
+    """The run's config and resolved components with the chosen sampler (see `sampler_section`),
+    validated against `registry`: an unknown name or a bad option is a RecipeError naming the
+    `sampler.` key."""
+    raw = cfg.model_dump()
+    raw["sampler"] = sampler_section(components["sampler"], name, options or {})
+    cfg = RunConfig.model_validate(raw)
+    return cfg, resolve_components(cfg, registry)
