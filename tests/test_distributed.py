@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from toydata import toy_recipe, write_toy_corpus
+from toydata import toy_recipe
 
 from tdlm.training.monitor import read_metrics
 
@@ -24,11 +24,6 @@ STEPS = 8
 # arithmetic up to the order of float additions in the gradient average: the curves agree to
 # float32 rounding, amplified a little by Adam over a few steps.
 LOSS_TOLERANCE = 2e-4
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_toy_corpus(tmp_path_factory.mktemp("toy"))
 
 
 @pytest.fixture(scope="module")

@@ -29,11 +29,6 @@ QUICK = ("--set", "eval.final_splits=[]")  # no final scoring: a toy run in ~2 s
 pytestmark = pytest.mark.usefixtures("single_thread")  # toy trainings in this process (tests/conftest.py)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_toy_corpus(tmp_path_factory.mktemp("toy"))
-
-
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "cache"
