@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from tdlm.errors import CheckpointError, CheckpointNotFound
+from tdlm.errors import CheckpointError, CheckpointNotFound, TrainingDiverged
 
 POINTERS = ("last", "best")
 NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -343,10 +343,10 @@ class Checkpointer:
         `checkpoint_every` steps. (A stop always saves.)"""
         return evaluated or bool(self.every and step % self.every == 0)
 
-    def save(self, model, step: int, state, *, best: bool, diverged) -> None:
+    def save(self, model, step: int, state, *, best: bool) -> None:
         """Write checkpoint `step`. `state()` gives the trainer's state (called on the main
-        process after the weights are gathered); `best`: point `best` at it too; `diverged(text)`
-        is the exception to raise when the weights are not finite (they are then not saved)."""
+        process after the weights are gathered); `best`: point `best` at it too. Weights that are
+        not finite are not saved: TrainingDiverged."""
         from tdlm.training.distributed import from_main, unwrap
 
         acc = self.accelerator
@@ -359,9 +359,7 @@ class Checkpointer:
         # checked at log steps is the one before the update: the update itself can diverge)
         finite = all_finite(weights) if acc.is_main_process else None
         if not from_main(acc, finite):
-            raise diverged(f"the weights became NaN or infinite by step {step}; they were not saved and the run "
-                           f"stopped. The last good checkpoint ({self.last_good()}) is kept. Try a lower training.lr, "
-                           "more training.warmup_steps or training.grad_clip.")
+            raise self.diverged(f"the weights became NaN or infinite by step {step}; they were not saved")
         fresh = not final_dir(self.run_dir, step).exists()
         if self.deepspeed and fresh:
             if acc.is_main_process:
@@ -380,6 +378,12 @@ class Checkpointer:
         acc.wait_for_everyone()
         if problem is not None:
             raise problem
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        """The error that stops a run whose loss, validation figure or weights went non-finite:
+        `what` happened, and the last good checkpoint (kept) is named with the usual remedies."""
+        return TrainingDiverged(f"{what}; the run stopped. The last good checkpoint ({self.last_good()}) is kept. "
+                                "Try a lower training.lr, more training.warmup_steps or training.grad_clip.")
 
     def last_good(self) -> str:
         try:

@@ -23,7 +23,7 @@ from tdlm.data import load_corpus, train_stream
 from tdlm.training.distributed import StopAgreement, device_name, from_main, make_accelerator, unwrap
 from tdlm.data.manifest import ShardError
 from tdlm.data.record import check_record, data_record, write_record
-from tdlm.errors import DataError, RunError, TrainingDiverged
+from tdlm.errors import DataError, RunError, TrainingDiverged  # noqa: F401 - the CLI and tests import it from here
 from tdlm.evaluate import EvaluationStopped
 from tdlm.studies.flops import flops_per_token, mfu, peak_flops
 from tdlm.lm import build_model
@@ -208,11 +208,7 @@ class Trainer:
     def log_train(self, loss: torch.Tensor, tokens_per_s: float, bar) -> None:
         loss = self.accelerator.reduce(loss, reduction="mean").item()  # the host sync of a window
         if not math.isfinite(loss):
-            last = self.checkpointer.last_good()
-            raise TrainingDiverged(
-                f"training loss became {loss} by step {self.step}; stopped. The last good checkpoint "
-                f"({last}) is kept. Try a lower training.lr, more training.warmup_steps or training.grad_clip."
-            )
+            raise self.checkpointer.diverged(f"training loss became {loss} by step {self.step}")
         metrics = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                    "grad_norm": float(self.train_step.grad_norm), "tokens_per_s": tokens_per_s,
                    "epoch": self.stream.epoch_of(self.step)}
@@ -230,10 +226,7 @@ class Trainer:
         model = unwrap(self.accelerator, self.model)
         result = self.evaluator.validate(model)
         if not math.isfinite(result["nll_per_token"]):  # NaN weights: nothing to sample or save
-            raise TrainingDiverged(
-                f"the validation figure became {result['nll_per_token']} at step {self.step}; stopped. The last good "
-                f"checkpoint ({self.checkpointer.last_good()}) is kept. Try a lower training.lr, more "
-                "training.warmup_steps or training.grad_clip.")
+            raise self.checkpointer.diverged(f"the validation figure became {result['nll_per_token']} at step {self.step}")
         self.logger.log(self.step, _scalars(result), "val")
         by_t = {f"masked_ce_t{b['t'][0]:.1f}": b["masked_ce"]
                 for b in result.get("t_buckets", []) if b["masked_ce"] is not None}
@@ -277,7 +270,7 @@ class Trainer:
             return state
 
         best, self.evaluator.is_best = self.evaluator.is_best, False
-        self.checkpointer.save(self.model, self.step, state, best=best, diverged=TrainingDiverged)
+        self.checkpointer.save(self.model, self.step, state, best=best)
 
     def engine_name(self) -> str:
         return f"deepspeed-zero{self.deepspeed}" if self.deepspeed else "ddp" if self.accelerator.num_processes > 1 else "single"
