@@ -215,7 +215,7 @@ class TdlmLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from tdlm.evaluate import batch_generator
-        from tdlm.sampling.template import cut_at_eos
+        from tdlm.sampling.generate import generate
 
         sampler, mask_id = self.loaded.built.sampler, self.vocab.mask_id
         if "stop_at_eos" in type(sampler).Config.model_fields:  # e.g. ar: no calls after the end
@@ -236,11 +236,10 @@ class TdlmLM(LM):
         batches = self.batches(prepared, key=lambda item: (len(item[0]), item[1]))
         for batch_index, indices in enumerate(tqdm(batches, disable=disable_tqdm, desc="tdlm generate_until")):
             ids, masks, _ = prepared[indices[0]]
-            canvas = torch.tensor([prepared[i][0] + [mask_id] * masks for i in indices], device=self._device)
-            out = sampler.sample(self.net, canvas, batch_generator(self.seed, batch_index, self._device))
-            generated = out.tokens[:, len(ids):].cpu()
-            for i, row in zip(indices, generated):
-                text = self.vocab.decode(cut_at_eos(row, torch.full_like(row, mask_id), mask_id, self.vocab.bos_id))
+            canvas = torch.tensor([prepared[i][0] + [mask_id] * masks for i in indices])
+            out = generate(self.net, sampler, canvas, batch_generator(self.seed, batch_index, self._device), self.vocab,
+                           stop_at_eos=True, text_from=len(ids))  # the continuation's text, cut at its end-of-text
+            for i, text in zip(indices, out.texts):
                 results[i] = cut_at_first(text, prepared[i][2])
                 self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
         return results
