@@ -25,11 +25,10 @@ class Evaluator:
     def should_run(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total_steps
 
-    def validate(self, model, *, sequences: int | None = -1) -> dict:
+    def validate(self, model) -> dict:
         """The periodic figure: the first `eval_sequences` valid sequences (all, and the tail,
         when that is 0/None); updates the best."""
-        limit = self.limit if sequences == -1 else sequences
-        seqs = self.valid[:limit] if limit else self.valid
+        seqs = self.valid[: self.limit] if self.limit else self.valid
         result = self.score(model, seqs, self.valid_tail if len(seqs) == 0 else None, "valid")
         self.last = result
         self.is_best = result["nll_per_token"] < self.best
