@@ -1,7 +1,9 @@
 """Several processes on one CPU (DDP over gloo): the recipe, not the process count, fixes the run.
 
 Workers are started the way torchrun starts them (RANK / WORLD_SIZE / MASTER_* in the
-environment), directly, so that a test can signal one rank alone.
+environment), directly, so that a test can signal one rank alone, or by `accelerate launch` with
+the documented configs. One-process commands run in this process (`here`): a launch costs seconds
+of imports and proves nothing a plain `tdlm` command does not.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import sys
 import time
 
 import pytest
+import torch
+from click.testing import CliRunner
 from toydata import toy_recipe
 
+from tdlm.cli import cli
 from tdlm.training.monitor import read_metrics
 
 STEPS = 8
@@ -38,15 +43,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args, env, world_size: int = 1) -> list[subprocess.Popen]:
+def start(args, env, world_size: int = 2) -> list[subprocess.Popen]:
     """`tdlm ARGS` in `world_size` worker processes."""
     port = str(free_port())
     procs = []
     for rank in range(world_size):
         worker_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        if world_size == 1:
-            worker_env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         procs.append(subprocess.Popen([sys.executable, "-m", "tdlm", *args], env=worker_env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
@@ -67,8 +70,34 @@ def wait(procs, timeout: float = 240) -> list[str]:
     return outputs
 
 
-def run(args, env, world_size: int = 1) -> list[str]:
+def run(args, env, world_size: int = 2) -> list[str]:
     return wait(start(args, env, world_size))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def accelerate_launch(config: str, args, env) -> str:
+    """`accelerate launch --config_file launch/CONFIG -m tdlm ARGS`, as the README says."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(ROOT, "launch", config), "-m", "tdlm", *args]
+    proc = subprocess.run(command, env={k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE")},
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def here(args, env, exit_code: int = 0) -> str:
+    """`tdlm ARGS` as one process, in this one, with the workers' environment and one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(cli, list(map(str, args)), env={k: v for k, v in env.items()
+                                                                      if k.startswith(("TDLM_", "DS_"))})
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == exit_code, result.output[-3000:]
+    return result.output
 
 
 def train_losses(run_dir) -> dict[int, float]:
@@ -87,12 +116,14 @@ COMMON = ("--set", f"training.max_steps={STEPS}", "--set", "training.micro_batch
 
 @pytest.fixture(scope="module")
 def one_process_run(recipe, env):
-    run(["run", str(recipe), *COMMON, "--set", "run.name=one"], env)
+    here(["run", recipe, *COMMON, "--set", "run.name=one"], env)
     return recipe.parent / "runs" / "one"
 
 
-def test_two_processes_follow_the_one_process_loss_curve_and_eval(recipe, env, one_process_run):
-    run(["run", str(recipe), *COMMON, "--set", "run.name=two"], env, world_size=2)
+def test_two_processes_launched_as_documented_follow_the_one_process_loss_curve_and_eval(
+        recipe, env, one_process_run):
+    out = accelerate_launch("cpu_2proc.yaml", ["run", str(recipe), *COMMON, "--set", "run.name=two"], env)
+    assert "2 process(es) (ddp)" in out
     two = recipe.parent / "runs" / "two"
     one_losses, two_losses = train_losses(one_process_run), train_losses(two)
     assert sorted(one_losses) == sorted(two_losses) == list(range(1, STEPS + 1))
@@ -117,8 +148,8 @@ def test_two_processes_follow_the_one_process_loss_curve_and_eval(recipe, env, o
 
 def test_a_checkpoint_of_two_processes_resumes_on_one(recipe, env, one_process_run):
     args = ["run", str(recipe), *COMMON, "--set", "run.name=two-to-one"]
-    run([*args, "--stop-at", "4"], env, world_size=2)
-    run([*args, "--resume"], env, world_size=1)
+    run([*args, "--stop-at", "4"], env)
+    here([*args, "--resume"], env)
     resumed = train_losses(recipe.parent / "runs" / "two-to-one")
     reference = train_losses(one_process_run)
     assert sorted(resumed) == sorted(reference)
@@ -130,7 +161,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     run_dir = recipe.parent / "runs" / "preempted"
     args = ["run", str(recipe), "--set", "training.max_steps=100000", "--set", "training.log_every=1",
             "--set", "training.eval_every=100000", "--set", "run.name=preempted"]
-    procs = start(args, env, world_size=2)
+    procs = start(args, env)
     deadline = time.time() + 180
     while not any(r["step"] >= 2 for r in read_metrics(run_dir, "train")):
         assert time.time() < deadline and all(p.poll() is None for p in procs), "training did not start"
@@ -143,47 +174,26 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     last = json.loads((run_dir / "checkpoints" / "last.json").read_text())
     assert last["step"] == summary["step"] < 100000
     # and the run continues from there
-    run([*args, "--resume", "--stop-at", str(summary["step"] + 2)], env)
+    here([*args, "--resume", "--stop-at", str(summary["step"] + 2)], env)
     assert max(train_losses(run_dir)) == summary["step"] + 2
 
 
 def test_training_from_webdataset_shards_on_one_and_two_processes(tmp_path, corpus, env):
-    run(["data", "prepare", str(corpus), "--out", str(tmp_path / "shards"), "--seq-len", "32",
-         "--shard-size", "16", "--tokenizer", "bpe", "--bpe-vocab-size", "300"], env)
+    here(["data", "prepare", corpus, "--out", tmp_path / "shards", "--seq-len", "32",
+          "--shard-size", "16", "--tokenizer", "bpe", "--bpe-vocab-size", "300"], env)
     recipe = toy_recipe(tmp_path / "toy.toml", corpus, tmp_path / "runs")
     text = recipe.read_text()
     data_section = text[text.index("[data]"): text.index("[model]")]
     recipe.write_text(text.replace(data_section, f'[data]\nformat = "webdataset"\npath = "{tmp_path / "shards"}"\n'
                                                  'seq_len = 32\n\n'))
-    for name, world_size in (("one", 1), ("two", 2)):
-        run(["run", str(recipe), *COMMON, "--set", f"run.name={name}"], env, world_size)
+    here(["run", recipe, *COMMON, "--set", "run.name=one"], env)
+    run(["run", str(recipe), *COMMON, "--set", "run.name=two"], env)
     one, two = train_losses(tmp_path / "runs" / "one"), train_losses(tmp_path / "runs" / "two")
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=LOSS_TOLERANCE), step
     summary = json.loads((tmp_path / "runs" / "two" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["test"]["tokens"] > 0
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def accelerate_launch(config: str, args, env) -> list[str]:
-    """`accelerate launch --config_file launch/CONFIG -m tdlm ARGS`, as the README says."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(ROOT, "launch", config), "-m", "tdlm", *args]
-    proc = subprocess.run(command, env={k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE")},
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc.stdout + proc.stderr
-
-
-def test_the_documented_two_process_cpu_launch_config(recipe, env, one_process_run):
-    out = accelerate_launch("cpu_2proc.yaml", ["run", str(recipe), *COMMON, "--set", "run.name=launched"], env)
-    assert "2 process(es) (ddp)" in out
-    launched = train_losses(recipe.parent / "runs" / "launched")
-    for step, loss in train_losses(one_process_run).items():
-        assert launched[step] == pytest.approx(loss, abs=LOSS_TOLERANCE), step
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +212,7 @@ def test_deepspeed_zero2_follows_the_one_process_curve_and_its_weights_load_in_p
     for step, loss in train_losses(one_process_run).items():
         assert zero2[step] == pytest.approx(loss, abs=LOSS_TOLERANCE), step
     summary = json.loads((run_dir / "summary.json").read_text())
-    [plain] = run(["eval", str(run_dir), "--split", "test", "--json", "--device", "cpu"], deepspeed_env)
+    plain = here(["eval", run_dir, "--split", "test", "--json", "--device", "cpu"], deepspeed_env)
     plain = json.loads(plain[plain.index("{"):])
     assert plain["tokens"] == summary["test"]["tokens"]
     assert plain["nll_per_token"] == pytest.approx(summary["test"]["nll_per_token"], abs=1e-6)
@@ -213,13 +223,12 @@ def test_deepspeed_zero3_stops_and_resumes_exactly_and_refuses_another_process_c
     args = ["run", str(recipe), *COMMON, "--set", "run.name=zero3"]
     accelerate_launch("cpu_deepspeed_zero3.yaml", [*args, "--stop-at", "4"], deepspeed_env)
     # its optimizer state is sharded over 2 processes: resuming on 1 is refused, nothing is lost
-    [proc] = start([*args, "--resume"], deepspeed_env)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "same engine and process count" in out, out[-2000:]
+    out = here([*args, "--resume"], deepspeed_env, exit_code=2)
+    assert "same engine and process count" in out, out[-2000:]
     accelerate_launch("cpu_deepspeed_zero3.yaml", [*args, "--resume"], deepspeed_env)
     zero3 = train_losses(recipe.parent / "runs" / "zero3")
     for step, loss in train_losses(one_process_run).items():
         assert zero3[step] == pytest.approx(loss, abs=LOSS_TOLERANCE), step
-    [sample] = run(["sample", str(recipe.parent / "runs" / "zero3"), "--num", "1", "--length", "8", "--json"],
-                   deepspeed_env)
+    sample = here(["sample", recipe.parent / "runs" / "zero3", "--num", "1", "--length", "8", "--json"],
+                  deepspeed_env)
     assert json.loads(sample[sample.index("{"):])["nfe"] > 0

@@ -344,14 +344,18 @@ def test_a_run_name_must_be_one_folder_under_out_dir(tmp_path, corpus, name):
 def test_a_single_process_run_never_imports_deepspeed(tmp_path, corpus):
     pytest.importorskip("deepspeed")
     recipe = toy_recipe(tmp_path / "r.toml", corpus, tmp_path / "runs")
-    script = ("import sys; from tdlm.cli import cli\n"
-              "try:\n    cli(sys.argv[1:], prog_name='tdlm')\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
-              "print('deepspeed imported:', 'deepspeed' in sys.modules)\n")
-    for args in (["run", str(recipe), "--set", "training.max_steps=2", "--set", "eval.sample_num=1"],
-                 ["eval", str(tmp_path / "runs" / "r"), "--t-samples", "1"],
-                 ["sample", str(tmp_path / "runs" / "r"), "--num", "1", "--length", "8", "--option", "steps=2"]):
-        done = subprocess.run([sys.executable, "-c", script, *args], env=python_env(), capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr
-        assert "deepspeed imported: False" in done.stdout, args
-        assert "Setting accelerator" not in done.stderr + done.stdout, args
+    commands = [["run", str(recipe), "--set", "training.max_steps=2", "--set", "eval.sample_num=1"],
+                ["eval", str(tmp_path / "runs" / "r"), "--t-samples", "1"],
+                ["sample", str(tmp_path / "runs" / "r"), "--num", "1", "--length", "8", "--option", "steps=2"]]
+    # one fresh interpreter runs the three commands in turn (one import of torch, not three)
+    script = ("import json, sys; from tdlm.cli import cli\n"
+              "for args in json.loads(sys.argv[1]):\n"
+              "    try:\n        cli(args, prog_name='tdlm')\n"
+              "    except SystemExit as exc:\n        assert not exc.code, (args, exc.code)\n"
+              "    print('deepspeed imported after', args[0], ':', 'deepspeed' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], env=python_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for args in commands:
+        assert f"deepspeed imported after {args[0]} : False" in done.stdout, done.stdout
+    assert "Setting accelerator" not in done.stderr + done.stdout
