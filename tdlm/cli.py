@@ -380,7 +380,7 @@ def report(runs_dirs, out_dir):
 def plugins(name, as_json):
     """List every installed component by kind, with the plugin and package that provide it; with
     NAME, that component's description and its options (type, default, what each does)."""
-    from tdlm.registry import KINDS, PluginError, build_registry, describe_options
+    from tdlm.registry import KINDS, PluginError, build_registry
 
     try:
         registry = build_registry()

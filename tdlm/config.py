@@ -289,7 +289,6 @@ def resolve_components(cfg: RunConfig, registry) -> dict[str, tuple[Any, BaseMod
     """kind -> (registered Component, its validated Config), checking every section."""
     from tdlm.registry import UnknownComponentError
 
-    sampler = cfg.sampler
     resolved, problems = {}, []
     for kind in COMPONENT_SECTIONS:
         section = getattr(cfg, kind)
@@ -297,7 +296,7 @@ def resolve_components(cfg: RunConfig, registry) -> dict[str, tuple[Any, BaseMod
             objective = resolved.get("objective")
             if objective is None:
                 continue
-            section = sampler = ComponentSection(name=objective[0].cls.default_sampler)
+            section = ComponentSection(name=objective[0].cls.default_sampler)
         try:
             component = registry.get(kind, section.name)
             # the registry goes along as validation context: an option naming another component

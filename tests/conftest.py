@@ -17,9 +17,10 @@ from tdlm.lm import build_model
 from tdlm.registry import build_registry
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def single_thread():
-    """Tiny tensors run faster on one thread (and far faster on a busy machine)."""
+    """Every tensor in the suite is tiny: one thread runs it faster than two (several times faster
+    on a busy machine). Subprocesses the tests start get OMP_NUM_THREADS=1 where it matters."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -140,18 +141,13 @@ def trained_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
     cache = tmp_path_factory.getbasetemp() / "cache"  # the folder toy_cache points at
     corpus = write_toy_corpus(root / "corpus", paragraph=5)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is several times faster on a busy machine
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("TDLM_CACHE_DIR", str(cache))
-            for objective in ("diffusion", "ar"):
-                recipe = toy_recipe(root / f"{objective}.toml", corpus, root / "runs", objective=objective,
-                                    extra=PAIR_SAMPLER if objective == "diffusion" else "")
-                result = CliRunner().invoke(cli, ["run", str(recipe), "--set", "data.documents=blank-lines"],
-                                            catch_exceptions=False)
-                assert result.exit_code == 0, result.output
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TDLM_CACHE_DIR", str(cache))
+        for objective in ("diffusion", "ar"):
+            recipe = toy_recipe(root / f"{objective}.toml", corpus, root / "runs", objective=objective,
+                                extra=PAIR_SAMPLER if objective == "diffusion" else "")
+            result = CliRunner().invoke(cli, ["run", str(recipe), "--set", "data.documents=blank-lines"],
+                                        catch_exceptions=False)
+            assert result.exit_code == 0, result.output
     return {"diffusion": root / "runs" / "diffusion", "ar": root / "runs" / "ar", "corpus": corpus, "cache": cache}
 

@@ -34,14 +34,14 @@ def fresh_accelerator_state():
 
 
 @pytest.mark.parametrize("objective", ["diffusion", "ar"])
-def test_measure_reports_both_rates_and_their_ratio(single_thread, objective):
+def test_measure_reports_both_rates_and_their_ratio(objective):
     result = measure(objective=objective, **TINY)
     assert result["engine_tokens_per_s"] > 0 and result["baseline_tokens_per_s"] > 0
     assert math.isfinite(result["ratio"]) and result["ratio"] > 0
     assert len(result["rounds"]) == 1 and result["config"]["objective"] == objective
 
 
-def test_bench_command_prints_the_table(single_thread):
+def test_bench_command_prints_the_table():
     args = ["bench", "--device", "cpu"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -96,7 +96,7 @@ def step_counters(engine) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("objective, micro", [("diffusion", None), ("ar", None), ("diffusion", 2)])
-def test_train_step_never_reads_a_device_value_on_the_host(single_thread, monkeypatch, objective, micro):
+def test_train_step_never_reads_a_device_value_on_the_host(monkeypatch, objective, micro):
     # on a CPU the diffusion head gathers the masked rows (free there); on a GPU it must not
     monkeypatch.setattr(head, "SYNC_FREE_DEVICES", set())
     engine = trainer(objective, micro=micro)
@@ -123,7 +123,7 @@ def test_train_step_never_reads_a_device_value_on_the_host(single_thread, monkey
 
 
 @pytest.mark.parametrize("objective", ["diffusion", "ar"])
-def test_train_step_runs_the_same_ops_whatever_the_batch_size(single_thread, objective):
+def test_train_step_runs_the_same_ops_whatever_the_batch_size(objective):
     """No per-sequence Python loop in corruption or loss: four times the sequences, the same ops."""
     counts = []
     for batch in (2, 8):

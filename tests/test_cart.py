@@ -11,7 +11,6 @@ from tdlm.builtins.objectives.diffusion import DiffusionObjective
 from tdlm.builtins.schedules import CosineSchedule, LinearSchedule
 from tdlm.builtins.corruptions.uniform import UniformMasking
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 V, N = 20, 12
 VOCAB = VocabInfo(size=V, mask_id=V, bos_id=0)

@@ -10,7 +10,6 @@ from toydata import toy_recipe, write_toy_corpus
 
 from tdlm.cli import cli
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # 300 toy steps: one thread (tests/conftest.py)
 
 
 @pytest.fixture(autouse=True)

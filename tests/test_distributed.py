@@ -17,7 +17,6 @@ import sys
 import time
 
 import pytest
-import torch
 from click.testing import CliRunner
 from toydata import toy_recipe
 
@@ -88,14 +87,9 @@ def accelerate_launch(config: str, args, env) -> str:
 
 
 def here(args, env, exit_code: int = 0) -> str:
-    """`tdlm ARGS` as one process, in this one, with the workers' environment and one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = CliRunner().invoke(cli, list(map(str, args)), env={k: v for k, v in env.items()
-                                                                      if k.startswith(("TDLM_", "DS_"))})
-    finally:
-        torch.set_num_threads(threads)
+    """`tdlm ARGS` as one process, in this one (one thread, as the workers), with their environment."""
+    result = CliRunner().invoke(cli, list(map(str, args)), env={k: v for k, v in env.items()
+                                                                  if k.startswith(("TDLM_", "DS_"))})
     assert result.exit_code == exit_code, result.output[-3000:]
     return result.output
 

@@ -7,7 +7,6 @@ from click.testing import CliRunner
 
 from tdlm.cli import cli
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from tdlm.data.tokenizer import trained_bpe_vocab
 from tdlm.evaluate import evaluate, format_result
 from tdlm.lm import LanguageModel
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 # 10 full sequences of 5 and a tail of 3: with batch_size 3 that is 4 batches plus the tail, so
 # 2 and 3 processes both get a padded last round.

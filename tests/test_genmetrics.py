@@ -16,7 +16,6 @@ from torch import nn
 from tdlm.studies import genmetrics as gm
 from tdlm.cli import cli
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 LN2 = math.log(2.0)
 

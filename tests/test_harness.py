@@ -25,13 +25,12 @@ from tdlm.cli import _Commands, cli  # noqa: E402
 from tdlm.errors import TdlmError  # noqa: E402
 from tdlm.studies.harness_cli import lm_eval_command  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 EXTRA = " ZQXJ ZQXJ ZQXJ"  # letters the toy corpus never holds: tokens the model never saw
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, single_thread):
+def runs(tmp_path_factory):
     """A diffusion and an AR run on the toy corpus, 8 steps each (about 3 s)."""
     root = tmp_path_factory.mktemp("harness")
     with pytest.MonkeyPatch.context() as patch:

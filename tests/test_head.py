@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from tdlm import head
 from tdlm.head import Denoised, linear_cross_entropy, linear_cross_entropy_and_argmax
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gen(seed):

@@ -9,7 +9,6 @@ from scipy import stats
 
 from tdlm.sampling.kernel import ReverseKernel, denoiser_probs, reverse_kernel
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 V = 3  # real tokens; the mask id is V
 

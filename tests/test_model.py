@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 V, N = 23, 12
 

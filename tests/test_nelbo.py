@@ -15,7 +15,6 @@ from nets import ZeroLogits
 from tdlm.components import stratified_times
 from tdlm.head import Denoised
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 SCHEDULES = ["linear", "cosine"]
 

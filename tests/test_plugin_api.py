@@ -29,7 +29,6 @@ from tdlm.lm import build_model
 from tdlm.registry import build_registry, get_plugin_manager, plugin_api_problem
 from tdlm.rundir import load_run
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors (tests/conftest.py)
 
 V = 30
 
@@ -234,17 +233,12 @@ def trained(tmp_path_factory):
     a corruption parameter), and the token cache its tokenizer lives in."""
     root = tmp_path_factory.mktemp("plugin_api")
     extra = '[corruption]\nname = "state-dependent"\nweights = "learned"\n'
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("TDLM_CACHE_DIR", str(root / "cache"))
-            recipe_path = toy_recipe(root / "sd.toml", write_toy_corpus(root / "toy"), root / "runs", extra=extra)
-            result = CliRunner().invoke(cli_main(), ["run", str(recipe_path), "--set", "training.max_steps=4",
-                                                     "--set", "logging.tensorboard=false"], catch_exceptions=False)
-            assert result.exit_code == 0, result.output
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TDLM_CACHE_DIR", str(root / "cache"))
+        recipe_path = toy_recipe(root / "sd.toml", write_toy_corpus(root / "toy"), root / "runs", extra=extra)
+        result = CliRunner().invoke(cli_main(), ["run", str(recipe_path), "--set", "training.max_steps=4",
+                                                 "--set", "logging.tensorboard=false"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
     return root / "runs" / "sd", root / "cache"
 
 

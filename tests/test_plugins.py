@@ -38,7 +38,6 @@ from tdlm.builtins.corruptions.uniform import UniformMasking
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "tdlm-fixed-count"
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors (tests/conftest.py)
 
 BUILTINS = {
     ("schedule", "linear"): "tdlm.builtins.schedules",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,6 @@ from tdlm.training.trainer import Trainer, TrainingDiverged
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # toy trainings in this process (tests/conftest.py)
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,6 @@ from nets import Spy
 from toydata import template_canvas
 from tdlm.sampling.grids import commit_count, time_grid
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gen(seed):

@@ -26,7 +26,6 @@ from tdlm.training.trainer import Trainer
 
 QUICK = ("--set", "eval.final_splits=[]")  # no final scoring: a toy run in ~2 s
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # toy trainings in this process (tests/conftest.py)
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +60,7 @@ def ok(result):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, corpus, single_thread):
+def trained(tmp_path_factory, corpus):
     """A toy diffusion run of 8 steps (checkpoints at 4 and 8) and its recipe; read-only."""
     root = tmp_path_factory.mktemp("trained")
     recipe = toy_recipe(root / "r.toml", corpus, root / "runs")

@@ -13,7 +13,6 @@ from tdlm.components import sample_categorical
 from tdlm.builtins.samplers.ancestral import time_grid
 from tdlm.sampling.next_token import filter_probs
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gen(seed):

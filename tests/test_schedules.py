@@ -13,7 +13,6 @@ from scipy import integrate
 from tdlm.components import Schedule, VocabInfo
 from tdlm.registry import build_registry, get_plugin_manager
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 SCHEDULES = build_registry(get_plugin_manager(entry_points=False)).names("schedule")
 

@@ -13,7 +13,6 @@ from tdlm.components import ComponentConfig, SampleOutput, Sampler
 from tdlm.config import RecipeError, RunConfig, read_recipe, resolve_components, resolved_dict, to_toml
 from tdlm.registry import build_registry, get_plugin_manager
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 V, N = 20, 16
 

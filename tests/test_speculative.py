@@ -24,7 +24,6 @@ from tdlm.sampling.grids import time_grid
 from tdlm.sampling.next_token import filter_probs
 from tdlm.builtins.samplers.speculative import sample_residual
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 V, N = 3, 3
 

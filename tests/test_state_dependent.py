@@ -12,7 +12,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from nets import ZeroLogits
 from tdlm.components import VocabInfo
@@ -23,7 +22,6 @@ from tdlm.builtins.schedules import CosineSchedule, LinearSchedule, PolynomialSc
 from tdlm.builtins.corruptions.state_dependent import StateDependentMasking, frequency_weights
 from tdlm.builtins.corruptions.uniform import UniformMasking
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gen(seed):

@@ -13,7 +13,6 @@ from tdlm.cli import cli
 from tdlm.sampling.template import TemplateError, cut_at_eos, format_template, parse_template, template_ids
 from tdlm.builtins.samplers.autoregressive import AutoregressiveSampler
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --- parsing ----------------------------------------------------------------------------------

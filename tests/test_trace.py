@@ -7,7 +7,6 @@ from toydata import template_canvas
 
 from tdlm.sampling.trace import commit_steps, draw_trace
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 V, N = 20, 16
 

@@ -18,7 +18,6 @@ from tdlm.registry import build_registry
 from tdlm.training.trainer import Trainer, TrainingDiverged
 
 # Tiny models train far faster on one thread (two spin against each other on a busy machine).
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(autouse=True)
