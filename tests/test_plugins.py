@@ -3,7 +3,7 @@
 Fake plugins are modules registered on a fresh manager (`get_plugin_manager(entry_points=False)`),
 so nothing leaks between tests. The end-to-end tests pip-install the example package
 examples/tdlm-fixed-count (and a broken one) into a temporary folder, offline, and put
-that folder on PYTHONPATH of a `python -m tdlm` subprocess.
+that folder on sys.path, or on PYTHONPATH of a `python -m tdlm` subprocess (a fresh interpreter).
 """
 
 from __future__ import annotations
@@ -311,9 +311,10 @@ def installed_fixed_count(tmp_path_factory) -> Path:
     return target
 
 
-def test_installed_plugin_is_listed(installed_fixed_count, tmp_path):
-    result = tdlm(["plugins", "--json"], pythonpath=installed_fixed_count, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_installed_plugin_is_listed(installed_fixed_count, monkeypatch):
+    monkeypatch.syspath_prepend(str(installed_fixed_count))  # seen in-process; the next test runs it in a fresh one
+    result = CliRunner().invoke(cli, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
     listing = json.loads(result.stdout)
     rows = {(row["kind"], row["name"]): row for row in listing["components"]}
     row = rows[("corruption", "fixed-count")]
