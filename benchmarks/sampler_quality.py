@@ -89,12 +89,16 @@ def plan(evaluator: GenEval, names: list[str] | None, steps: list[int], length: 
                 notes.append(f"{name}: skipped (needs a draft run: --draft RUN)")
                 break
             else:
-                todo.append((name, options))
+                # the model's own distribution, whatever temperature the recipe samples at: a
+                # recipe's cooler display sample must not tilt one sampler's row
+                todo.append((name, {"temperature": 1.0, **options} if "temperature" in fields else options))
     return todo, notes
 
 
 def setting_label(options: dict) -> str:
-    flat = {**{k: v for k, v in options.items() if k not in ("inner_options", "draft")},
+    """The options that tell rows apart (temperature only where it is not 1)."""
+    flat = {**{k: v for k, v in options.items()
+               if k not in ("inner_options", "draft") and not (k == "temperature" and v == 1.0)},
             **(options.get("inner_options") or {})}
     return " ".join(f"{k}={v}" for k, v in flat.items()) or "defaults"
 

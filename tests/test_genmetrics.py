@@ -256,6 +256,25 @@ def test_sampler_quality_benchmark_runs_and_checks_the_threshold_target(runs, tm
     assert "target (<= 10% gen ppl" in capsys.readouterr().out
 
 
+def test_the_benchmark_compares_samplers_at_temperature_1_whatever_the_recipe_samples_at(runs, tmp_path):
+    """A recipe may print cooler samples (quick_wikitext2: 0.7); the benchmark's rows are the
+    model's own distribution, so that ancestral and speculative sample the same chain."""
+    bench = sampler_quality_module()
+    target, reference = runs
+    cooler = tmp_path / "cooler"
+    shutil.copytree(target, cooler)
+    config = json.loads((cooler / "config.json").read_text())
+    config["sampler"]["temperature"] = 0.7
+    (cooler / "config.json").write_text(json.dumps(config))
+    code = bench.main([str(cooler), "--reference", str(reference), "--samplers", "ancestral,confidence", "--steps", "4",
+                       "--length", "8", "--num", "1", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [(r["sampler"], r["setting"]) for r in rows] == [("ancestral", "steps=4"), ("confidence", "steps=4")]
+    for settings in (tmp_path / "out" / "settings").glob("*.json"):
+        assert json.loads(settings.read_text())["options"]["temperature"] == 1.0, settings.name
+
+
 def test_collapse_panels_start_at_zero_and_the_title_gives_the_held_out_gen_ppl():
     from tdlm.studies.geneval import collapse_limits, gen_ppl_title
 
