@@ -204,20 +204,22 @@ def test_trained_nelbo_is_never_below_the_data_entropy(registry, trained):
     assert nelbo < entropy + 0.5 * (init_nelbo - entropy)
 
 
-class BrokenWeight:
+class ScheduleWrapper:
+    """A schedule that answers as `inner` does, except for what a subclass overrides."""
+
+    def __init__(self, schedule):
+        self.inner = schedule
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class BrokenWeight(ScheduleWrapper):
     """A schedule whose alpha is right but whose NELBO weight is not."""
 
     def __init__(self, schedule, weight):
-        self.inner, self.weight_fn = schedule, weight
-
-    def alpha(self, t):
-        return self.inner.alpha(t)
-
-    def alpha_prime(self, t):
-        return self.inner.alpha_prime(t)
-
-    def mask_rate(self, t):
-        return self.inner.mask_rate(t)
+        super().__init__(schedule)
+        self.weight_fn = weight
 
     def weight(self, t):
         return self.weight_fn(t)
@@ -409,14 +411,8 @@ def test_stratified_times_put_one_t_in_each_stratum(batch):
     assert 0.2 < sum(offsets) / 20 < 0.8
 
 
-class GenericMaskRate:
+class GenericMaskRate(ScheduleWrapper):
     """A schedule whose mask rate is the interface's default 1 - alpha(t) (as before mask_rate)."""
-
-    def __init__(self, schedule):
-        self.inner = schedule
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
     def mask_rate(self, t):
         return 1.0 - self.inner.alpha(t)
@@ -448,24 +444,12 @@ def test_accurate_mask_rate_leaves_the_evaluation_unchanged(registry, schedule):
         torch.testing.assert_close(nll, generic_nll, rtol=1e-12, atol=0)
 
 
-class MaskRateOnly:
+class MaskRateOnly(ScheduleWrapper):
     """The linear schedule whose alpha must not be called: what uses 1 - alpha_t must ask
     mask_rate (exact near t = 0), not compute 1 - alpha(t) itself."""
 
-    def __init__(self, schedule):
-        self.inner = schedule
-
     def alpha(self, t):
         raise AssertionError("1 - alpha(t) computed outside the schedule: use schedule.mask_rate(t)")
-
-    def alpha_prime(self, t):
-        return self.inner.alpha_prime(t)
-
-    def mask_rate(self, t):
-        return self.inner.mask_rate(t)
-
-    def weight(self, t):
-        return self.inner.weight(t)
 
 
 @pytest.mark.parametrize("corruption", ["uniform", "state-dependent", "cart"])
