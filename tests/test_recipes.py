@@ -61,6 +61,20 @@ def test_a_research_recipe_is_the_tiny_baseline_with_another_corruption(name, co
         assert {k: ours["corruption"][k] for k in corruption} == corruption
 
 
+def test_the_long_quick_recipe_is_the_quick_one_larger_and_longer():
+    # the README compares it with the quick runs per token: the data, tokenizer, batch and
+    # optimiser must stay the quick recipe's (the sample temperature may differ)
+    quick = read_recipe(ROOT / "recipes/quick_wikitext2.toml").model_dump()
+    long = read_recipe(ROOT / "recipes/quick_wikitext2_long.toml").model_dump()
+    assert {key for key in quick if quick[key] != long[key]} == {"run", "model", "sampler", "training"}
+    assert quick["data"] == long["data"] and quick["eval"] == long["eval"]
+    differing = {section: {k for k in quick[section] if quick[section][k] != long[section][k]}
+                 for section in ("run", "model", "sampler", "training")}
+    assert differing == {"run": {"name"}, "model": {"n_layers", "d_model", "n_heads"}, "sampler": {"temperature"},
+                         "training": {"max_steps", "warmup_steps", "eval_every", "checkpoint_every"}}
+    assert (long["model"]["n_layers"], long["model"]["d_model"], long["training"]["max_steps"]) == (4, 256, 12_000)
+
+
 def test_the_tiny_pair_differs_only_in_the_objective_and_sampler():
     diffusion = read_recipe(ROOT / "recipes/tiny_wikitext2.toml").model_dump()
     ar = read_recipe(ROOT / "recipes/tiny_wikitext2_ar.toml").model_dump()
