@@ -100,8 +100,10 @@ def run(recipe, overrides, unset, resume, stop_at, check):
                f"{summary['wall_time_s']:.0f} s on {summary['device']} (scored: {summary['checkpoint']})")
     for split in cfg.eval.final_splits:
         click.echo(format_result(summary[split]))
+    from tdlm.sampling.select import options_label
+
     sampler, options = components["sampler"]
-    settings = " ".join(f"{k}={v}" for k, v in options.model_dump(mode="json").items())
+    settings = options_label(options.model_dump(mode="json"))
     for i, text in enumerate(summary.get("samples", [])[:1]):
         click.echo(f"\nsample {i} ({sampler.name}: {settings}):\n{text}")
 

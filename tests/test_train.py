@@ -78,6 +78,7 @@ def test_run_writes_everything_a_user_and_a_script_need(tmp_path, corpus, object
     # the printed sample says what drew it (a recipe may sample cooler than the model's own chain)
     sampler = "ancestral: steps=" if objective == "diffusion" else "ar: temperature=1.0"
     assert f"sample 0 ({sampler}" in result.output, result.output[-500:]
+    assert "=None" not in result.output  # unset options (the AR sampler's top_k, top_p) are left out
 
 
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path, corpus):

@@ -2,7 +2,8 @@
 
 `tdlm sample`, `tdlm gen-eval` and `tdlm lm-eval` all choose by the same rule, here: the
 recipe's sampler keeps the recipe's options, another sampler starts from its own defaults, and
-the options given override either.
+the options given override either. `options_label` is how tdlm names those options in what it
+prints.
 """
 
 from __future__ import annotations
@@ -29,3 +30,9 @@ def with_sampler(cfg: RunConfig, components: dict, registry, name: str | None,
     raw["sampler"] = sampler_section(components["sampler"], name, options or {})
     cfg = RunConfig.model_validate(raw)
     return cfg, resolve_components(cfg, registry)
+
+
+def options_label(options: dict) -> str:
+    """A sampler's options as `key=value` words, unset (None) ones left out, e.g.
+    "steps=128 grid=uniform temperature=0.7"."""
+    return " ".join(f"{k}={v}" for k, v in options.items() if v is not None)

@@ -23,6 +23,7 @@ import torch
 
 from tdlm.data import train_tokens
 from tdlm.sampling.generate import SamplerBug, generate, prompt_canvas
+from tdlm.sampling.select import options_label
 from tdlm.studies import genmetrics
 
 COLLAPSE_PROMPT_FRACTION = 4  # default frequency-collapse prompt: a quarter of the length
@@ -279,7 +280,7 @@ def plot_report(result: dict, path) -> None:
     ax_bar.legend(fontsize=8, ncol=2, loc="upper center")
     ax_bar.set_title(gen_ppl_title(result), fontsize=10)
     tps = result.get("tokens_per_s")
-    fig.suptitle(f"{result['sampler']} {_short_options(result['options'])}: NFE {result['nfe']}, "
+    fig.suptitle(f"{result['sampler']} {options_label(result['options'])}: NFE {result['nfe']}, "
                  f"{tps or float('nan'):.0f} tokens/s, entropy {result['unigram_entropy_bits']:.2f} bits "
                  f"(data {data.get('unigram_entropy_bits', float('nan')):.2f})", fontsize=10)
     fig.tight_layout()
@@ -305,10 +306,6 @@ def gen_ppl_title(result: dict) -> str:
     return f"gen ppl {ppl:.1f}" + (f" (held-out text {data_ppl:.1f})" if data_ppl is not None else "")
 
 
-def _short_options(options: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in options.items() if v is not None)
-
-
 def _fmt(value, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
 
@@ -316,7 +313,7 @@ def _fmt(value, spec: str) -> str:
 def format_report(result: dict) -> str:
     """A few lines for a terminal: the samples' figures beside held-out text's."""
     data = result.get("data") or {}
-    lines = [f"{result['sampler']} {_short_options(result['options'])} on {result['run']} "
+    lines = [f"{result['sampler']} {options_label(result['options'])} on {result['run']} "
              f"({result['num']} x {result['generated_tokens'] // result['num']} generated tokens)",
              f"  NFE {result['nfe']}, {_fmt(result['tokens_per_s'], '.1f')} tokens/s, {result['seconds']:.2f} s",
              f"  {'':<24}{'samples':>10}{'data':>10}"]
