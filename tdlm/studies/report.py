@@ -408,11 +408,18 @@ def spaced_ticks(values: list[float], *, min_ratio: float = 1.25) -> list[float]
 # -- the whole report ------------------------------------------------------------------------
 def write_report(roots: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
     """Write report.md, report.csv and the PNGs into out_dir; returns the markdown and the paths."""
+    from tdlm.studies import repetition
+
     runs = sort_runs(find_runs(roots))
     out_dir.mkdir(parents=True, exist_ok=True)
+    twins = compared_pairs(runs)
     plots = [p for p in (plot_curves(runs, out_dir / "valid_curves.png"),
                          plot_final(runs, out_dir / "final_vs_epochs.png", x="epochs"),
-                         plot_final(runs, out_dir / "final_vs_parameters.png", x="parameters")) if p]
+                         plot_final(runs, out_dir / "final_vs_parameters.png", x="parameters"),
+                         repetition.plot_repetition(runs, out_dir / "repetition.png"),
+                         repetition.plot_gap(runs, out_dir / "gap_vs_epochs.png", x="epochs", pairs_=twins),
+                         repetition.plot_gap(runs, out_dir / "gap_vs_parameters.png", x="parameters", pairs_=twins))
+             if p]
     unfinished = [r.name for r in runs if not r.finished]
     parts = [f"# tdlm report: {len(runs)} runs under {', '.join(map(str, roots))}", "",
              markdown_table(*table_rows(runs)), "",
@@ -421,7 +428,7 @@ def write_report(roots: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
                 if any(r.summary.get("train_tokens") is None for r in runs) else ""), ""]
     if unfinished:
         parts += [f"Not finished (left out of the final-value plots): {', '.join(unfinished)}.", ""]
-    parts += comparison_lines(runs) + [""]
+    parts += comparison_lines(runs) + [""] + repetition.repetition_lines(runs)
     parts += [f"![{p.stem}]({p.name})" for p in plots]
     markdown = "\n".join(parts).rstrip() + "\n"
     (out_dir / "report.md").write_text(markdown)
