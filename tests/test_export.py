@@ -331,14 +331,22 @@ def test_without_tdlm_transformers_loads_the_folder_and_gives_tdlm_s_logits(expo
         assert out[f"{name}-tokens"] == [encoded, encoded, vocab.mask_id, vocab.bos_id]
 
 
-def test_registered_classes_load_without_remote_code(exported):
+def test_registered_classes_load_without_remote_code(exported, pair_cache):
     import tdlm.hf
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tdlm.hf.register()
     tdlm.hf.register()  # twice: nothing more
-    model = AutoModelForCausalLM.from_pretrained(exported["export-ar"])
+    model = AutoModelForCausalLM.from_pretrained(exported["export-ar"]).eval()
     assert type(model).__module__ == "tdlm.hf.modeling_tdlm"
+    # generate() without a cache: greedy decoding is tdlm's network's argmax chain
+    ids = torch.tensor([[0, 5, 9]])
+    made = model.generate(ids, max_new_tokens=3, do_sample=False)
+    net = loaded(exported["ar"]).built.model.net
+    with torch.no_grad():
+        for _ in range(3):
+            ids = torch.cat([ids, net(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(made, ids)
     assert type(AutoConfig.from_pretrained(exported["export-diffusion"])).__module__ == "tdlm.hf.configuration_tdlm"
 
 

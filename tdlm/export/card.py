@@ -85,7 +85,7 @@ Without tdlm (transformers and torch only; the model code is `modeling_tdlm.py` 
 import torch
 from transformers import AutoTokenizer, {auto}
 
-tokenizer = AutoTokenizer.from_pretrained("FOLDER")
+tokenizer = AutoTokenizer.from_pretrained("FOLDER", trust_remote_code=True)  # it reads config.json too
 model = {auto}.from_pretrained("FOLDER", trust_remote_code=True).eval()
 {use_logits}
 ```
