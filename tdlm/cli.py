@@ -609,9 +609,11 @@ def _load_run(run_dir, **kwargs):
         _fail(str(exc))
 
 
+from tdlm.export.cli import export_command  # noqa: E402
 from tdlm.studies.harness_cli import lm_eval_command  # noqa: E402 - the command module imports helpers from here
 
 cli.add_command(lm_eval_command)
+cli.add_command(export_command)
 
 
 def main():

@@ -360,7 +360,8 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
              registry=None, progress: bool = False, action: str = "scoring or sampling it",
              overrides: list[str] = ()) -> LoadedRun:
     """Rebuild a trained run's model from its saved config and checkpoint, once checked that
-    its data and tokenizer are those it was trained with (tdlm.data.record).
+    its data and tokenizer are those it was trained with (tdlm.data.record). `run_dir` may also be
+    a folder `tdlm export` wrote (its one checkpoint, its recipe and data record: tdlm.export.folder).
 
     `sampler`: (name, options dict) to sample with another sampler than the recipe's.
     `action`: what the caller is about to do, for the message when the data changed.
@@ -371,12 +372,14 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
     """
     from tdlm.training import checkpointer as ckpt
     from tdlm.data import load_corpus
+    from tdlm.export.folder import WEIGHTS_FILE, is_export
     from tdlm.data.record import check_record
     from tdlm.lm import build_model
     from tdlm.registry import build_registry
 
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
+    exported = read_export(run_dir, which) if is_export(run_dir) else None
+    cfg = exported_config(run_dir, exported.recipe) if exported else read_run_config(run_dir)
     registry = registry or build_registry()
     saved_cfg = cfg
     if overrides:
@@ -389,9 +392,12 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
 
         cfg, components = with_sampler(cfg, components, registry, *sampler)
     corpus = load_corpus(cfg.data, progress=progress)
-    check_record(run_dir, corpus, cfg.data, action=action)
+    check_record(run_dir, corpus, cfg.data, action=action, recorded=exported.data if exported else None)
     built = build_model(cfg, components, vocab_info(corpus))
-    path, weights = ckpt.read_checkpoint(run_dir, which, ckpt.read_weights)  # safe against a save in progress
+    if exported:
+        path, weights = run_dir / WEIGHTS_FILE, exported.state_dict
+    else:
+        path, weights = ckpt.read_checkpoint(run_dir, which, ckpt.read_weights)  # safe against a save in progress
     left_out, kept_initial = [], []
     if overrides:
         # the network is the run's, whole (strict); the components' state only where they still have it
@@ -400,11 +406,45 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
         kept_initial = sorted(k for k in own if k not in weights and not k.startswith("net."))
         weights = {k: v for k, v in weights.items() if k not in left_out}
         built.model.load_state_dict({**{k: v for k, v in own.items() if k in kept_initial}, **weights})
+    elif exported:
+        load_exported_weights(built.model, weights, run_dir)
     else:
         built.model.load_state_dict(weights)
     built.model.to(device).eval()
     changes = config_changes(saved_cfg.model_dump(mode="json"), resolved_dict(cfg, components)) if overrides else {}
     return LoadedRun(run_dir, cfg, components, corpus, built, path, changes, left_out, kept_initial)
+
+
+def read_export(folder: Path, which: str):
+    """An exported folder (`tdlm export`) read back: tdlm.export.folder.ExportedRun, once checked that
+    it holds the checkpoint asked for."""
+    from tdlm.export.folder import check_checkpoint, read_folder
+
+    exported = read_folder(folder)
+    check_checkpoint(folder, exported.info, which)
+    return exported
+
+
+def load_exported_weights(model, weights: dict, folder: Path) -> None:
+    """Load an exported folder's weights, a one-line RecipeError where they do not fit its recipe's model."""
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    shapes = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if missing or extra or shapes:
+        said = [f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                for what, keys in (("missing", missing), ("not in the model", extra), ("other shape", shapes)) if keys]
+        raise RecipeError(f"{folder / 'model.safetensors'} does not fit the model its recipe builds "
+                          f"({'; '.join(said)}); export the run again")
+    model.load_state_dict(weights)
+
+
+def exported_config(folder: Path, recipe: dict) -> RunConfig:
+    """The RunConfig of an exported folder's recipe, a RecipeError in one line if it no longer validates."""
+    try:
+        return RunConfig.model_validate(recipe)
+    except ValidationError as exc:
+        raise RecipeError(f"the recipe of the exported folder {folder} does not validate with this tdlm: "
+                          f"{format_validation_error(exc, RunConfig)}") from None
 
 
 def check_same_attention(registry, saved_cfg: RunConfig, objective, run_dir: Path) -> None:

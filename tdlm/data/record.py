@@ -117,10 +117,13 @@ def data_changes(recorded: dict, current: dict) -> list[str]:
     return changes
 
 
-def check_record(run_dir: Path, corpus, cfg: DataConfig, *, action: str, current: dict | None = None) -> None:
+def check_record(run_dir: Path, corpus, cfg: DataConfig, *, action: str, current: dict | None = None,
+                 recorded: dict | None = None) -> None:
     """Raise DataChangedError, in one line, when the data or tokenizer differ from the record.
-    `current`: data_record(corpus, cfg), when the caller has it already."""
-    recorded = read_record(run_dir)
+    `current`: data_record(corpus, cfg), when the caller has it already; `recorded`: the record
+    when it is not run_dir's data.json (an exported folder keeps it in tdlm_run.json)."""
+    where = "its data record" if recorded else Path(run_dir) / RECORD_FILE
+    recorded = recorded or read_record(run_dir)
     if recorded is None:
         return
     changes = data_changes(recorded, current or data_record(corpus, cfg))
@@ -128,5 +131,5 @@ def check_record(run_dir: Path, corpus, cfg: DataConfig, *, action: str, current
         versions = recorded.get("tokenizer", {}).get("tokenizers")
         raise DataChangedError(
             f"the data of run {run_dir} changed since it was trained: {'; '.join(changes)}. {action} would use token "
-            f"ids the model never saw; restore the files it was trained with ({Path(run_dir) / RECORD_FILE} lists "
+            f"ids the model never saw; restore the files it was trained with ({where} lists "
             f"their hashes{f'; tokenizers {versions}' if versions else ''}) or train a new run")
