@@ -86,10 +86,22 @@ def test_the_nelbo_of_a_shifted_denoiser_bounds_its_exact_nll(build):
 
 @pytest.fixture(scope="module")
 def ar_and_adapted(build):
-    """An AR model with trained-looking weights, and a shifted diffusion model started from them."""
+    """An AR model trained on sequences x_{i+1} = 2 x_i + 1 mod 11 (so its greedy continuation
+    depends on the context), and a shifted diffusion model started from its weights."""
     vocab, length = 11, 12
     ar = build(vocab_size=vocab, seq_len=length, bos_id=4, objective="ar", model={"n_layers": 2, "d_model": 16, "n_heads": 2})
-    random_weights(ar.model.net, seed=5, std=0.3)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(ar.model.parameters(), lr=1e-2)
+    g = gen(0)
+    for _ in range(150):
+        x0 = torch.randint(0, vocab, (32, 1), generator=g)
+        for _ in range(length - 1):
+            x0 = torch.cat([x0, (2 * x0[:, -1:] + 1) % vocab], dim=1)
+        loss, _ = ar.model(x0, g)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    ar.model.net.eval()
     adapted = shifted(build, vocab_size=vocab, seq_len=length, bos_id=4)
     adapted.model.net.load_state_dict(ar.model.net.state_dict())  # what training.init_from copies
     adapted.model.net.eval()
