@@ -159,3 +159,21 @@ def test_the_from_ar_recipe_is_the_quick_one_started_from_its_ar_twin():
     assert differing == {"run": {"name"}, "model": {"shift_logits"},
                          "training": {"init_from", "attention_anneal_steps"}}
     assert adapted["training"]["init_from"] == "runs/quick_wikitext2_ar" and adapted["model"]["shift_logits"]
+
+
+def test_an_annealed_run_resumed_gives_the_uninterrupted_runs_losses(env):
+    """The attention pattern of a step is drawn from that step's seeded generator: a resume draws it again."""
+    adapted = ["--set", 'training.init_from="runs/ar"', "--set", "model.shift_logits=true",
+               "--set", "training.attention_anneal_steps=6", "--set", "training.max_steps=4"]
+
+    def losses(name):
+        rows = [json.loads(line) for line in (env["root"] / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+    code, output = tdlm("run", env["recipe"], "--set", "run.name=annealed", *adapted)
+    assert code == 0, output
+    code, output = tdlm("run", env["recipe"], "--set", "run.name=annealed_resumed", *adapted, "--stop-at", 2)
+    assert code == 0, output
+    code, output = tdlm("run", env["recipe"], "--set", "run.name=annealed_resumed", *adapted, "--resume")
+    assert code == 0, output
+    assert losses("annealed") == losses("annealed_resumed") and len(losses("annealed")) == 2
