@@ -121,8 +121,9 @@ def read_exported(folder: Path) -> Source:
     if not isinstance(run.get("config"), dict):
         raise InitFromError(f"training.init_from {folder}: {EXPORT_RUN} holds no 'config' (the run's resolved "
                             "recipe); export the run again")
-    step = run.get("step", (run.get("checkpoint") or {}).get("step") if isinstance(run.get("checkpoint"), dict) else None)
-    return Source(folder, "export", run["config"], run.get("data"), folder, step if isinstance(step, int) else None)
+    step = run.get("step")
+    data = run.get("data") if isinstance(run.get("data"), dict) else None
+    return Source(folder, "export", run["config"], data, folder, step if isinstance(step, int) else None)
 
 
 def _json(path: Path) -> dict:
