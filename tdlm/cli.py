@@ -76,6 +76,10 @@ def run(recipe, overrides, unset, resume, stop_at, check):
         if blocker is not None:
             _fail(f"run.out_dir {cfg.run.out_dir}: {blocker} is a file, not a folder; set run.out_dir to a folder")
         cfg = with_manifest(cfg, warn=lambda line: click.echo(line, err=True))  # shards: their tokenizer
+        from tdlm.init_from import check_before_start, with_resolved_source
+
+        cfg = with_resolved_source(cfg)
+        check_before_start(cfg)  # training.init_from: the source opens and fits, as far as is cheap to tell
         click.echo(to_toml(resolved_dict(cfg, components)))
         return
     from tdlm.data import DataNotFoundError

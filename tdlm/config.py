@@ -88,6 +88,18 @@ class TrainingConfig(Section):
     """Default: every eval."""
     log_every: int = Field(10, ge=1)
     """Steps between host syncs: loss logging, NaN check, progress bar."""
+    init_from: str | None = None
+    """Start from another model's weights: a run directory (its best checkpoint; `DIR@last` or
+    `DIR@STEP` for another) or a folder `tdlm export` wrote. Only the network's weights are taken:
+    the optimizer, the step and the learning-rate schedule start fresh. The shapes and the
+    tokenizer must be this recipe's. Saved resolved (absolute path and checkpoint) in config.json,
+    the source's identity in data.json; a resume loads the run's own checkpoint, never the source.
+    See docs/init_from.md."""
+    attention_anneal_steps: int = Field(0, ge=0)
+    """DiffuLLaMA's attention annealing, for a diffusion model started from an AR one: at step s <
+    this, each position attends to the ones before it and to each later one with probability
+    s / attention_anneal_steps (causal at step 0); full attention after. 0: full from the start.
+    Evaluation and sampling always use full attention."""
 
 
 class EvalConfig(Section):
@@ -317,10 +329,27 @@ def resolve_components(cfg: RunConfig, registry) -> dict[str, tuple[Any, BaseMod
         resolved[kind] = (component, options)
     if problems:
         raise RecipeError("; ".join(problems))
-    problems = unmet_requirements(resolved)
+    problems = unmet_requirements(resolved) + attention_conflicts(cfg, resolved)
     if problems:
         raise RecipeError("; ".join(problems))
     return resolved
+
+
+def attention_conflicts(cfg: RunConfig, resolved: dict[str, tuple[Any, BaseModel]]) -> list[str]:
+    """The AR -> diffusion adaptation options are for a bidirectional network: a causal objective
+    already predicts the next token from a shifted input, and its attention is causal throughout."""
+    objective = resolved.get("objective")
+    if objective is None or not getattr(objective[0].cls, "causal", False):
+        return []
+    name = objective[0].name
+    problems = []
+    if cfg.model.shift_logits:
+        problems.append(f"model.shift_logits is for a diffusion objective; objective {name!r} is causal and shifts its "
+                        "own input (drop it: --unset model.shift_logits)")
+    if cfg.training.attention_anneal_steps:
+        problems.append(f"training.attention_anneal_steps opens a causal attention to full; objective {name!r} keeps it "
+                        "causal (drop it: --unset training.attention_anneal_steps)")
+    return problems
 
 
 def unmet_requirements(resolved: dict[str, tuple[Any, BaseModel]]) -> list[str]:

@@ -44,6 +44,7 @@ def build_model(cfg: RunConfig, components: dict, vocab: VocabInfo) -> Built:
     schedule = schedule_c.cls(schedule_opts)
     corruption = build_component(corruption_c.cls, corruption_opts, schedule=schedule, vocab=vocab, context=context)
     objective = build_component(objective_c.cls, objective_opts, corruption=corruption, vocab=vocab, context=context)
-    net = Transformer(cfg.model, vocab_size=vocab.size, max_len=cfg.data.seq_len, causal=objective.causal)
+    net = Transformer(cfg.model, vocab_size=vocab.size, max_len=cfg.data.seq_len, causal=objective.causal,
+                      bos_id=vocab.bos_id)
     sampler = build_component(sampler_c.cls, sampler_opts, objective=objective, vocab=vocab, context=context)
     return Built(LanguageModel(net, objective), sampler, vocab)

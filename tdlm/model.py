@@ -6,10 +6,17 @@ only the V real tokens, so the mask token can never be predicted (SUBS).
 `features(x)` returns the final hidden states and `head_weight` the [V, d] output matrix, so an
 objective can apply the head only where its loss is (the masked positions of a diffusion step)
 and in chunks, never building the full [B, N, V] logits; `forward(x)` is the plain logits.
+
+`shift_logits` (Dream's shifted prediction, for a denoiser started from an AR model): the network
+reads [BOS, x_0 .. x_{N-1}] and the output for position j is the hidden state of slot j, which
+holds x_{j-1} (BOS for j = 0), exactly where an AR model predicts x_j. It lives here, in the
+network, so that every reader of `features` or `forward` (training, scoring, every sampler, an
+export) gets the output of position j at position j.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -38,6 +45,11 @@ class ModelConfig(BaseModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
     """Biases in the linear layers (the output head never has one)."""
+    shift_logits: bool = False
+    """Dream's shifted prediction, for a diffusion model started from an AR one
+    (`training.init_from`): the output for position j comes from the slot before it (a BOS slot for
+    j = 0), where the AR model predicted token j. It adds no parameter. Needs rope positions (the
+    BOS slot makes N + 1 of them) and a diffusion objective (an AR objective shifts its own input)."""
 
     @model_validator(mode="after")
     def _heads_fit(self):
@@ -45,6 +57,9 @@ class ModelConfig(BaseModel):
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.positions == "rope" and (self.d_model // self.n_heads) % 2:
             raise ValueError(f"rope needs an even head size; d_model / n_heads = {self.d_model // self.n_heads}")
+        if self.shift_logits and self.positions != "rope":
+            raise ValueError("shift_logits needs positions = 'rope': its BOS slot makes seq_len + 1 positions, "
+                             "one more than a learned position table has")
         return self
 
 
@@ -68,13 +83,16 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, visible=None):
+        """`visible` (bool [L, L], optional): which keys each query sees, in place of the layer's own
+        causal or full attention (attention annealing)."""
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=visible, is_causal=self.causal and visible is None,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
@@ -127,16 +145,22 @@ class Block(nn.Module):
         self.attn = SelfAttention(cfg, causal)
         self.mlp = make_mlp(cfg)
 
-    def forward(self, x, rope=None):
-        x = x + self.attn(self.ln1(x), rope)
+    def forward(self, x, rope=None, visible=None):
+        x = x + self.attn(self.ln1(x), rope, visible)
         return x + self.mlp(self.ln2(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, vocab_size: int, max_len: int, causal: bool):
-        """vocab_size: V real tokens; the embedding gets one more row for the mask token."""
+    def __init__(self, cfg: ModelConfig, *, vocab_size: int, max_len: int, causal: bool, bos_id: int | None = None):
+        """vocab_size: V real tokens; the embedding gets one more row for the mask token.
+        bos_id: the token of the BOS slot (cfg.shift_logits only)."""
         super().__init__()
+        if cfg.shift_logits and bos_id is None:
+            raise ValueError("shift_logits needs the BOS id of its first slot")
         self.cfg, self.vocab_size, self.max_len, self.causal = cfg, vocab_size, max_len, causal
+        self.bos_id = bos_id if cfg.shift_logits else None
+        self.attention_override: tuple[float, torch.Generator | None] | None = None
+        """Set by `annealed_attention` during training; None: the network's own attention."""
         self.tok_emb = nn.Embedding(vocab_size + 1, cfg.d_model)
         self.pos_emb = nn.Embedding(max_len, cfg.d_model) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
@@ -174,10 +198,13 @@ class Transformer(nn.Module):
         return F.linear(self.features(x), self.head_weight)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, N] -> the final normalised hidden states [B, N, d] that the head reads."""
+        """x [B, N] -> the final normalised hidden states [B, N, d] that the head reads: with
+        shift_logits, those of the slots [BOS, x_0 .. x_{N-2}] of the input [BOS, x_0 .. x_{N-1}]."""
+        if x.shape[1] > self.max_len:
+            raise ValueError(f"sequence of {x.shape[1]} tokens exceeds the model's max length {self.max_len}")
+        if self.bos_id is not None:
+            x = torch.cat([torch.full_like(x[:, :1], self.bos_id), x], dim=1)
         length = x.shape[1]
-        if length > self.max_len:
-            raise ValueError(f"sequence of {length} tokens exceeds the model's max length {self.max_len}")
         h = self.tok_emb(x)
         rope = None
         if self.pos_emb is not None:
@@ -185,6 +212,39 @@ class Transformer(nn.Module):
         else:
             rope = rope_tables(length, self.cfg.d_model // self.cfg.n_heads, x.device)
         h = self.drop(h)
+        visible = self._visible(length, x.device)
         for block in self.blocks:
-            h = block(h, rope)
-        return self.ln_f(h)
+            h = block(h, rope, visible)
+        h = self.ln_f(h)
+        # the last slot (x_{N-1}) predicts nothing, but every other slot attends to it
+        return h[:, :-1] if self.bos_id is not None else h
+
+    def _visible(self, length: int, device) -> torch.Tensor | None:
+        """The annealed attention pattern (None: the network's own). Each query sees every key up to
+        itself and each later key with probability `fraction`, one draw for the whole batch
+        (DiffuLLaMA); fraction 0 is the causal pattern."""
+        if self.attention_override is None:
+            return None
+        fraction, generator = self.attention_override
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        if fraction <= 0.0:
+            return causal
+        future = torch.rand(length, length, generator=generator, device=device) < fraction
+        return causal | future
+
+
+@contextlib.contextmanager
+def annealed_attention(net: Transformer, fraction: float, generator: torch.Generator | None = None):
+    """Within it, `net` attends causally plus to each later position with probability `fraction`
+    (drawn from `generator` at every forward): DiffuLLaMA's attention annealing from an AR model's
+    causal attention (fraction 0) to full attention (fraction 1, the network's own; nothing is
+    changed then). Only training uses it: evaluation and sampling always see the network's own
+    attention."""
+    if fraction >= 1.0:
+        yield net
+        return
+    before, net.attention_override = net.attention_override, (float(fraction), generator)
+    try:
+        yield net
+    finally:
+        net.attention_override = before

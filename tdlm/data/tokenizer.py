@@ -92,9 +92,22 @@ def gpt2_tokenizer(vocab_path: Path, merges_path: Path) -> Tokenizer:
     return tokenizer
 
 
-def trained_bpe_vocab(train_path: Path, vocab_size: int, cache_dir: str | Path | None = None) -> Vocab:
+def bpe_name(train_path: Path, vocab_size: int) -> str:
+    """The trained BPE's name (and cache key): a hash of the train text, the vocabulary size and the
+    tokenizers version, so another text or version trains and caches another BPE."""
     key = hashlib.sha256(f"{file_sha256(train_path)}\n{vocab_size}\n{tokenizers.__version__}".encode()).hexdigest()
-    name = f"bpe{vocab_size}-{key[:8]}"
+    return f"bpe{vocab_size}-{key[:8]}"
+
+
+def tokenizer_name(cfg: DataConfig, *, cache_dir: str | Path | None = None) -> str:
+    """The name of the tokenizer `cfg` asks for (Vocab.name), known without loading or training it."""
+    if cfg.tokenizer == "gpt2":
+        return "gpt2"
+    return bpe_name(find_split_files(cfg, cache_dir)["train"], cfg.bpe_vocab_size)
+
+
+def trained_bpe_vocab(train_path: Path, vocab_size: int, cache_dir: str | Path | None = None) -> Vocab:
+    name = bpe_name(train_path, vocab_size)
     cached = cache_root(cache_dir) / "tokenizers" / f"{name}.json"
     if cached.is_file():
         try:

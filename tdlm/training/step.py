@@ -12,7 +12,8 @@ import contextlib
 import torch
 
 from tdlm.config import RecipeError, TrainingConfig
-from tdlm.training.distributed import configure_deepspeed
+from tdlm.model import annealed_attention
+from tdlm.training.distributed import configure_deepspeed, unwrap
 from tdlm.training.optim import build_optimizer, lr_at
 
 
@@ -22,6 +23,12 @@ def step_generator(seed: int, step: int, chunk: int, device) -> torch.Generator:
     (seed, step, chunk). One process with two micro-batches of 4 and two processes with one
     micro-batch of 4 each therefore draw the same noise for the same rows."""
     return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 4099 + chunk) % 2**63)
+
+
+def visible_fraction(step: int, anneal_steps: int) -> float:
+    """The share of later positions a position attends to at `step` under attention annealing
+    (training.attention_anneal_steps): 0 (causal) at step 0, rising linearly to 1 (full)."""
+    return 1.0 if anneal_steps == 0 else min(1.0, step / anneal_steps)
 
 
 def mixed_precision(setting: str) -> str:
@@ -47,6 +54,7 @@ class TrainStep:
         optimizer = build_optimizer(model, training)
         self.deepspeed = configure_deepspeed(accelerator, self.micro, training.grad_clip)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.net = unwrap(accelerator, self.model).net  # the module the wrapped forward runs
         self.grad_norm = torch.zeros(())
 
     def __call__(self, step: int, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -60,12 +68,15 @@ class TrainStep:
         batch = batch.to(acc.device, non_blocking=True)
         micro_batches = batch.split(self.micro)
         total, stats_sum = torch.zeros((), device=acc.device), {}
+        fraction = visible_fraction(step, self.tc.attention_anneal_steps)
         for i, micro in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1  # all-reduce gradients once, on the last micro-batch
             chunk = acc.process_index * len(micro_batches) + i
             generator = step_generator(self.seed, step, chunk, acc.device)
             acc.sync_gradients = sync  # DeepSpeed steps inside backward() whenever this is set
-            with acc.no_sync(model) if not sync else contextlib.nullcontext():
+            # the attention pattern is drawn from the step's own generator: a resume draws it again
+            with (acc.no_sync(model) if not sync else contextlib.nullcontext(),
+                  annealed_attention(self.net, fraction, generator)):
                 loss, stats = model(micro, generator)
                 acc.backward(loss / len(micro_batches))
             total += loss.detach() / len(micro_batches)

@@ -25,6 +25,7 @@ from tdlm.data.manifest import ShardError
 from tdlm.data.record import check_record, data_record, write_record
 from tdlm.errors import DataError, RunError, TrainingDiverged  # noqa: F401 - the CLI and tests import it from here
 from tdlm.evaluate import EvaluationStopped
+from tdlm.init_from import start_from, with_resolved_source
 from tdlm.studies.flops import flops_per_token, mfu, peak_flops
 from tdlm.lm import build_model
 from tdlm.training.monitor import RunLogger, read_metrics, rewrite_metrics
@@ -38,7 +39,7 @@ class Trainer:
         self.accelerator = make_accelerator(mixed_precision(cfg.training.mixed_precision))
         # shards fix the corpus and the tokenizer: the saved config (and a resume's check) say which
         warn = (lambda line: tqdm.write(line, file=sys.stderr)) if self.accelerator.is_main_process else None
-        cfg = with_manifest(cfg, warn=warn)
+        cfg = with_resolved_source(with_manifest(cfg, warn=warn))  # config.json records the source's absolute path
         self.cfg, self.tc, self.stop_at = cfg, cfg.training, stop_at
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.lock = self._claim_run_dir(resume, components)  # held until fit() ends, or the process does
@@ -62,6 +63,9 @@ class Trainer:
         self.components = components
         self.vocab_info = vocab_info(self.corpus)  # counts the train tokens: once
         self.built = build_model(cfg, components, self.vocab_info)
+        self.source = None  # a resume loads the run's own checkpoint below, never the source
+        if cfg.training.init_from and not resume:
+            self.source = start_from(self.built.model, cfg, record)  # record: data.json names the source
         net = self.built.model.net  # sized before prepare(): ZeRO-3 leaves empty placeholders in the module
         self.sizes = {"parameters": net.num_parameters(), "non_embedding_parameters": net.num_parameters(non_embedding=True)}
         self.flops_per_token = flops_per_token(net, cfg.data.seq_len)["total"]
@@ -433,6 +437,7 @@ class Trainer:
                 f"{self.total_steps:,} steps ({self.total_steps / self.stream.batches_per_epoch:.2f} epochs) | "
                 f"{self.accelerator.num_processes} process(es) ({self.engine_name()}) on {device_name(self.accelerator.device)}"
                 + (f" | resuming at step {self.step} (session {self.sessions})" if self.sessions > 1 else "")
+                + (f" | weights from {self.source.checkpoint}" if self.source else "")
             )
 
     def _catch_signals(self) -> dict:
