@@ -23,8 +23,9 @@ from tdlm.data import load_corpus, train_stream
 from tdlm.training.distributed import StopAgreement, device_name, from_main, make_accelerator, unwrap
 from tdlm.data.manifest import ShardError
 from tdlm.data.record import check_record, data_record, write_record
-from tdlm.errors import DataError, RunError, TrainingDiverged  # noqa: F401 - the CLI and tests import it from here
+from tdlm.errors import DataError, RunError, TrainingDiverged, WriteError  # noqa: F401 - the CLI and tests import it from here
 from tdlm.evaluate import EvaluationStopped
+from tdlm.files import write_atomically
 from tdlm.studies.flops import flops_per_token, mfu, peak_flops
 from tdlm.lm import build_model
 from tdlm.training.monitor import RunLogger, read_metrics, rewrite_metrics
@@ -115,8 +116,18 @@ class Trainer:
     def fit(self) -> dict:
         try:
             return self._loop()
+        except WriteError as exc:  # metrics, summary: the checkpoints say it in their own words
+            raise WriteError(f"{exc.what}: {Path(exc.path).name} was not written and the run stopped at step "
+                             f"{self.step}; {exc.fix}, then continue: {self._where_it_stands()}",
+                             path=exc.path, what=exc.what, fix=exc.fix, errno=exc.errno) from exc
         finally:
             self.release_run_dir()
+
+    def _where_it_stands(self) -> str:
+        step = ckpt.last_step(self.run_dir)
+        if step is None:
+            return "the run has no checkpoint yet; start it with tdlm run RECIPE"
+        return f"the run keeps its last checkpoint, step {step}; continue with tdlm run RECIPE --resume"
 
     def _loop(self) -> dict:
         acc, tc = self.accelerator, self.tc
@@ -309,7 +320,7 @@ class Trainer:
                 summary["samples"] = self.sample_text(model)
             summary["wall_time_s"] = self._wall_seconds()
         if acc.is_main_process:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         acc.wait_for_everyone()
         return summary
 
