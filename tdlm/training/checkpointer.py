@@ -104,7 +104,9 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, *, poi
             _write_state(state, tmp / "state.pt")
             os.replace(tmp, final)
             fsync_dir(root)
-        for pointer in pointers:
+        # `last` moves last: once it names this checkpoint the save is done, so a kill before it
+        # resumes from the previous one and makes the same save again (`best` included)
+        for pointer in sorted(pointers, key=lambda name: name == "last"):
             info = {"step": step, "dir": final.name, **state.get("pointer_info", {})}
             if pointer == "last" and before is not None:
                 previous = before["dir"] if before["dir"] != final.name else before.get("previous")
