@@ -44,6 +44,15 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """No checkpoint of that name: the message lists the ones the run has."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped at once by SIGINT or SIGTERM, its checkpoints whole (tdlm.training.interrupts).
+    The command line prints the message and exits with 128 + the signal's number, as a shell does."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite: the run stops and keeps its last good
     checkpoint (not a user's mistake: exit code 1, with the advice in the message)."""
