@@ -4,7 +4,8 @@ While the run sets up, a signal stops it at once: nothing is being trained, and 
 writes is replaced atomically (tdlm.files). Once it trains:
 - the first signal asks for a clean stop: the loop finishes its step, saves a checkpoint, stops;
 - a second one stops at once, with no new checkpoint, unless a checkpoint is being written:
-  that write is finished first (a save is never cut by a second signal), then the run stops;
+  that write is finished first (a save is never cut by a second signal), then the run stops
+  there as after a first one (`urgent` tells the loop);
 - a third one during that write drops it (the save's cleanup removes its partial files; `last`
   still names the complete checkpoint before it) and stops at once;
 - later ones are ignored, so that the cleanup after a stop is never cut short.
@@ -29,12 +30,16 @@ class StopSignals:
     def __init__(self, echo: Callable[[str], None]):
         self.echo, self.count, self.training, self.saving_step, self.stopping = echo, 0, False, None, False
         self.previous: dict = {}
-        self.last_signum = signal.SIGINT
 
     @property
     def requested(self) -> bool:
         """Whether a clean stop was asked for (a first signal)."""
         return self.count > 0
+
+    @property
+    def urgent(self) -> bool:
+        """Whether a second signal came while a checkpoint was written: stop right after it."""
+        return self.count >= 2
 
     def install(self) -> None:
         for sig in SIGNALS:
@@ -54,20 +59,18 @@ class StopSignals:
 
     @contextlib.contextmanager
     def saving(self, step: int):
-        """A checkpoint write: a second signal waits for its end; after it, that signal stops the run."""
+        """A checkpoint write: a second signal waits for its end (then `urgent` says to stop)."""
         self.saving_step = step
         try:
             yield
         finally:
             self.saving_step = None
-        if self.count >= 2 and not self.stopping:
-            self._stop(self.last_signum, f"the checkpoint of step {step} is written; stopped")
 
     def _handle(self, signum, frame) -> None:
         if self.stopping:  # stopping already: let the cleanup finish
             return
         self.count += 1
-        self.last_signum, name = signum, signal.Signals(signum).name
+        name = signal.Signals(signum).name
         if not self.training:
             self._stop(signum, f"{name} received while the run was setting up: stopped before training")
         if self.count == 1:

@@ -186,6 +186,7 @@ class Trainer:
                     self.evaluate_and_sample()
                 if at_ckpt or stopping:
                     self.save()
+                    stopping = stopping or self.signals.urgent  # a second signal waited for this save
                 if logging or stopping:  # the next window times training only, not this step's eval and save
                     window_start = time.perf_counter()
                 if stopping:
