@@ -16,13 +16,14 @@ falls back to it when `last` cannot be read. A reader that still loses the race 
 while it reads) reads the pointer again (read_checkpoint).
 
 Only finite weights are ever written (the trainer checks them first), so "last" is always a
-good checkpoint. Every file is written by tdlm.files.write_atomically (fsynced, then renamed)
-and the staging directory is renamed into place only when whole. A write that fails (no space
-left, a read-only folder, a stop signal's exception) removes its staging directory, keeps `last`
-and says so in one line (CheckpointError); what a kill -9 left (a staging directory, a
-temporary file) is removed by the next process that takes the run (remove_leftovers). state.pt also carries what makes a resume
-exact and its figures whole: the log window a stop between log steps left open, and the
-training seconds, steps, wall seconds and sessions of the run so far.
+good checkpoint. Every file is written by tdlm.files.write_atomically (fsynced, then renamed),
+the staging directory is renamed into place only when whole, and `last` moves after `best`: a
+kill at any moment leaves `last` naming a whole checkpoint. A write that fails (no space left,
+a read-only folder, a stop signal's exception) removes its staging directory, keeps `last` and
+says so in one line (CheckpointError); what a kill -9 left (a staging directory, a temporary
+file) is removed by the next process that takes the run (remove_leftovers). state.pt also
+carries what makes a resume exact and its figures whole: the log window a stop between log
+steps left open, and the training seconds, steps, wall seconds and sessions of the run so far.
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, *, poi
     """Write `weights` (a full state dict) and `state`, then point `pointers` at them.
 
     `staged`: staging_dir(run_dir, step) was already created (and filled with engine state).
-    Out of disk space (or quota): the staging directory is removed, the pointers are left as
-    they were, and CheckpointError says so.
+    Any failure (a full disk, a read-only folder, a stop signal's exception) removes the staging
+    directory and leaves `last` as it was; an OSError becomes one CheckpointError line.
     """
     root = Path(run_dir) / "checkpoints"
     final, tmp = final_dir(run_dir, step), staging_dir(run_dir, step)
@@ -127,14 +128,11 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, *, poi
 def _not_written(root: Path, step: int, exc: OSError) -> CheckpointError:
     """The one line of a checkpoint write that failed (its partial files already removed)."""
     what, fix = describe(exc, root)
-    last = _pointer_or_none(root, "last")
-    if last is not None and last["step"] == step:  # only a `best` pointer failed
-        done = f"the checkpoint of step {step} is written and is the last one, but `best` was not moved to it"
-    else:
-        kept = f"step {last['step']}" if last else "none was written yet"
-        done = (f"the checkpoint of step {step} was not written (its partial files are removed) and the last "
-                f"checkpoint ({kept}) is kept")
-    return CheckpointError(f"{what}: {done}; {fix}, then continue with tdlm run RECIPE --resume")
+    last = _pointer_or_none(root, "last")  # read now: `last` is the save's final write, so it did not move
+    kept = f"step {last['step']}" if last else "none was written yet"
+    return CheckpointError(f"{what}: the checkpoint of step {step} was not written (its partial files are removed) "
+                           f"and the last checkpoint ({kept}) is kept; {fix}, then continue with tdlm run RECIPE "
+                           "--resume")
 
 
 def all_finite(weights: dict) -> bool:
