@@ -14,7 +14,7 @@ import click
 # OpenMP reads this once, when torch is first imported (inside the commands below).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from tdlm.errors import TdlmError
+from tdlm.errors import RunInterrupted, TdlmError
 
 EXIT_BAD_INPUT = 2
 
@@ -25,13 +25,17 @@ def _fail(message: str) -> None:
 
 
 class _Commands(click.Group):
-    """Every command's user errors (TdlmError) end as one line on stderr and exit code 2."""
+    """Every command's user errors (TdlmError) end as one line on stderr and exit code 2; a run
+    stopped at once by a signal, as one line and 128 + the signal's number (as a shell reports it)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except TdlmError as exc:
             _fail(str(exc))
+        except RunInterrupted as exc:
+            click.echo(f"tdlm: {exc}", err=True)
+            sys.exit(128 + exc.signum)
 
 
 def _load_recipe(recipe: str, overrides: tuple[str, ...], unset: tuple[str, ...] = ()):

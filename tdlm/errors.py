@@ -30,8 +30,27 @@ class CheckpointError(TdlmError):
     """A checkpoint that cannot be read (truncated, corrupt) or written (no space left)."""
 
 
+class WriteError(TdlmError, OSError):
+    """A file could not be written (no space left, over quota, a read-only folder, no permission):
+    the file as it was is kept, and no partial file is left (tdlm.files). `what` and `fix` are
+    the message's two halves, for callers that say more about what the failure means."""
+
+    def __init__(self, message: str, *, path=None, what: str = "", fix: str = "", errno: int | None = None):
+        super().__init__(message)
+        self.path, self.what, self.fix, self.errno = path, what or message, fix, errno
+
+
 class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """No checkpoint of that name: the message lists the ones the run has."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped at once by SIGINT or SIGTERM, its checkpoints whole (tdlm.training.interrupts).
+    The command line prints the message and exits with 128 + the signal's number, as a shell does."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 class TrainingDiverged(RuntimeError):

@@ -25,6 +25,7 @@ from tdlm.config import (RecipeError, RunConfig, apply_overrides, flatten_table,
                          resolve_components, resolved_dict, to_toml)
 from tdlm.data.locate import file_in_the_way
 from tdlm.errors import RunError
+from tdlm.files import remove_temporaries, write_atomically
 
 
 def vocab_info(corpus) -> VocabInfo:
@@ -69,9 +70,7 @@ def environment_info() -> dict:
 def write_config(run_dir: Path, resolved: dict) -> None:
     """config.json and config.toml, each replaced atomically."""
     for name, text in (("config.json", json.dumps(resolved, indent=2)), ("config.toml", to_toml(resolved))):
-        tmp = run_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, run_dir / name)
+        write_atomically(run_dir / name, text)
 
 
 def write_run_files(run_dir: Path, cfg: RunConfig, components: dict) -> None:
@@ -82,7 +81,7 @@ def write_run_files(run_dir: Path, cfg: RunConfig, components: dict) -> None:
         kind: {"name": c.name, "plugin": c.plugin, "package": c.package, "version": c.version}
         for kind, (c, _) in components.items()
     }
-    (run_dir / "environment.json").write_text(json.dumps(environment, indent=2))
+    write_atomically(run_dir / "environment.json", json.dumps(environment, indent=2))
 
 
 # -- the state of a run directory, and who holds it ------------------------------------------
@@ -166,6 +165,15 @@ def set_aside(run_dir: Path, lock: RunLock | None = None) -> Path:
             own.release()
 
 
+def discard_leftovers(run_dir: Path) -> None:
+    """Remove what writes a kill cut short left (temporary files, checkpoint staging directories):
+    never read, they would only take space. Safe only under the run's lock: no one else writes."""
+    from tdlm.training.checkpointer import remove_leftovers
+
+    remove_temporaries(run_dir)
+    remove_leftovers(run_dir)
+
+
 def claim_run_dir(run_dir: Path, *, resume: bool, echo=print) -> RunLock:
     """Lock `run_dir` for a training process and check it can do what was asked: a new run in a
     new directory (one that died before its first checkpoint is set aside into .aborted/ and
@@ -176,6 +184,7 @@ def claim_run_dir(run_dir: Path, *, resume: bool, echo=print) -> RunLock:
                        "start it without --resume")
     lock = RunLock(run_dir)
     try:
+        discard_leftovers(run_dir)
         status = run_status(run_dir)
         if resume and not (run_dir / "checkpoints" / "last.json").exists():
             why = ("it stopped before its first checkpoint; start it again without --resume (the old files go "

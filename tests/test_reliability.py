@@ -16,8 +16,8 @@ import torch
 from click.testing import CliRunner
 from toydata import toy_recipe
 
+from tdlm import files
 from tdlm.training import checkpointer as ckpt
-from tdlm.training import monitor
 from tdlm.cli import cli
 from tdlm.config import read_recipe, resolve_components
 from tdlm.training.monitor import read_metrics, rewrite_metrics
@@ -251,12 +251,7 @@ def test_a_kill_while_metrics_are_rewritten_leaves_the_old_file(tmp_path, monkey
         def __exit__(self, *exc):
             self.file.close()
 
-    def write_text(path, text, *args, **kwargs):
-        with HalfWritten(path, "w") as f:
-            f.write(text)
-
-    monkeypatch.setattr(monitor, "open", HalfWritten, raising=False)
-    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(files, "open", HalfWritten, raising=False)  # every run-directory file is written there
     with pytest.raises(Killed):
         rewrite_metrics(tmp_path, records[:3])
     monkeypatch.undo()

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from tdlm.data.config import DataConfig
 from tdlm.data.documents import document_ends, insert_end_of_text
 from tdlm.errors import TdlmError
-from tdlm.data.locate import cache_root, find_split_files, write_atomically
+from tdlm.data.locate import cache_root, find_split_files
+from tdlm.files import write_atomically
 from tdlm.data.tokenizer import Vocab, load_vocab, split_lines, utf8_text, warn_rebuild
 
 # Part of every cache key: bump it when the way text becomes tokens changes, so that old

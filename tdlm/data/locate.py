@@ -10,7 +10,6 @@ layout, so later runs work offline.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import socket
@@ -20,6 +19,7 @@ from urllib.parse import urlparse
 
 from tdlm.data.config import DataConfig
 from tdlm.errors import DataError, TdlmError
+from tdlm.files import write_atomically
 
 SPLITS = ("train", "valid", "test")
 WIKITEXT2_FILES = {split: f"wikitext-2/wiki.{split}.tokens" for split in SPLITS}
@@ -106,22 +106,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader (another rank, a crashed
-    run's successor) sees the old file or the whole new one, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; caches may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _first_complete(dirs: list[Path], files: dict[str, str]) -> tuple[dict[str, Path] | None, list[Path]]:

@@ -71,7 +71,7 @@ def data_record(corpus, cfg: DataConfig, *, cache_dir=None) -> dict:
 
 
 def write_record(run_dir: Path, record: dict) -> None:
-    from tdlm.data.locate import write_atomically
+    from tdlm.files import write_atomically
 
     write_atomically(Path(run_dir) / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
 

@@ -35,7 +35,6 @@ from tdlm.data.locate import (
     file_sha256,
     find_gpt2_files,
     find_split_files,
-    write_atomically,
 )
 from tdlm.data.packing import pack
 from tdlm.data.shards import (
@@ -48,6 +47,7 @@ from tdlm.data.shards import (
     shard_name,
 )
 from tdlm.data.tokenizer import Vocab, gpt2_tokenizer, trained_bpe_vocab, vocab_from_tokenizer
+from tdlm.files import write_atomically
 
 HF_PREFIX = "hf:"
 HF_SPLITS = {"train": ("train",), "valid": ("validation", "valid"), "test": ("test",)}

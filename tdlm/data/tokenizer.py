@@ -17,7 +17,8 @@ import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tdlm.data.config import DataConfig
-from tdlm.data.locate import cache_root, file_sha256, find_gpt2_files, find_split_files, write_atomically
+from tdlm.data.locate import cache_root, file_sha256, find_gpt2_files, find_split_files
+from tdlm.files import write_atomically
 from tdlm.errors import DataError
 
 END_OF_TEXT = "<|endoftext|>"

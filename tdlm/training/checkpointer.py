@@ -16,16 +16,19 @@ falls back to it when `last` cannot be read. A reader that still loses the race 
 while it reads) reads the pointer again (read_checkpoint).
 
 Only finite weights are ever written (the trainer checks them first), so "last" is always a
-good checkpoint. A write that runs out of disk space removes its staging directory, keeps
-`last` and says so in one line (CheckpointError). state.pt also carries what makes a resume
-exact and its figures whole: the log window a stop between log steps left open, and the
-training seconds, steps, wall seconds and sessions of the run so far.
+good checkpoint. Every file is written by tdlm.files.write_atomically (fsynced, then renamed),
+the staging directory is renamed into place only when whole, and `last` moves after `best`: a
+kill at any moment leaves `last` naming a whole checkpoint. A write that fails (no space left,
+a read-only folder, a stop signal's exception) removes its staging directory, keeps `last` and
+says so in one line (CheckpointError); what a kill -9 left (a staging directory, a temporary
+file) is removed by the next process that takes the run (remove_leftovers). state.pt also
+carries what makes a resume exact and its figures whole: the log window a stop between log
+steps left open, and the training seconds, steps, wall seconds and sessions of the run so far.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -34,21 +37,14 @@ from pathlib import Path
 import torch
 
 from tdlm.errors import CheckpointError, CheckpointNotFound, TrainingDiverged
+from tdlm.files import describe, fsync_dir, remove_temporaries, write_atomically
 
 POINTERS = ("last", "best")
-NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 READ_ATTEMPTS = 5  # pointer re-reads when a concurrent save pruned the directory being read
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+def _write_json(path: Path, data: dict) -> None:
+    write_atomically(path, json.dumps(data, indent=2))
 
 
 def staging_dir(run_dir: Path, step: int) -> Path:
@@ -65,18 +61,29 @@ def open_staging(run_dir: Path, step: int) -> Path:
     return tmp
 
 
+def remove_leftovers(run_dir: Path) -> None:
+    """Remove what saves a kill cut short left in the run's checkpoints folder: staging directories
+    and temporary pointer files. Only for the process that holds the run (rundir.RunLock)."""
+    root = Path(run_dir) / "checkpoints"
+    for tmp in root.glob(".step-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    remove_temporaries(root)
+
+
 def final_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
 
 
 def _write_weights(weights: dict, path: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, path)
+    # serialized in memory (one more copy of the weights) so that the bytes reach the disk through
+    # write_atomically, where a full disk is an OSError (safetensors' own writer raises its own type)
+    write_atomically(path, save({k: v.detach().contiguous().cpu() for k, v in weights.items()}))
 
 
 def _write_state(state: dict, path: Path) -> None:
-    torch.save(state, path)
+    write_atomically(path, lambda f: torch.save(state, f))  # into the open file: see tdlm.files
 
 
 def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, *, pointers=("last",),
@@ -84,8 +91,8 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, *, poi
     """Write `weights` (a full state dict) and `state`, then point `pointers` at them.
 
     `staged`: staging_dir(run_dir, step) was already created (and filled with engine state).
-    Out of disk space (or quota): the staging directory is removed, the pointers are left as
-    they were, and CheckpointError says so.
+    Any failure (a full disk, a read-only folder, a stop signal's exception) removes the staging
+    directory and leaves `last` as it was; an OSError becomes one CheckpointError line.
     """
     root = Path(run_dir) / "checkpoints"
     final, tmp = final_dir(run_dir, step), staging_dir(run_dir, step)
@@ -97,26 +104,35 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, *, poi
             _write_weights(weights, tmp / "model.safetensors")
             _write_state(state, tmp / "state.pt")
             os.replace(tmp, final)
-        for pointer in pointers:
+            fsync_dir(root)
+        # `last` moves last: once it names this checkpoint the save is done, so a kill before it
+        # resumes from the previous one and makes the same save again (`best` included)
+        for pointer in sorted(pointers, key=lambda name: name == "last"):
             info = {"step": step, "dir": final.name, **state.get("pointer_info", {})}
             if pointer == "last" and before is not None:
                 previous = before["dir"] if before["dir"] != final.name else before.get("previous")
                 if previous:
                     info["previous"] = previous
-            _write_json_atomic(root / f"{pointer}.json", info)
-    except OSError as exc:
+            _write_json(root / f"{pointer}.json", info)
+    except BaseException as exc:  # a full disk, a kill signal's exception: no partial file stays
         shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(Exception):
             _prune(root)  # a complete directory no pointer names (the pointer write failed)
-        if exc.errno in NO_SPACE:
-            kept = f"step {before['step']}" if before else "none was written yet"
-            raise CheckpointError(
-                f"no space left in {root}: the checkpoint of step {step} was not written (its partial files "
-                f"are removed) and the last checkpoint ({kept}) is kept; free some space, then continue "
-                "with tdlm run RECIPE --resume") from exc
+        if isinstance(exc, OSError):
+            raise _not_written(root, step, exc) from exc
         raise
     _prune(root)
     return final
+
+
+def _not_written(root: Path, step: int, exc: OSError) -> CheckpointError:
+    """The one line of a checkpoint write that failed (its partial files already removed)."""
+    what, fix = describe(exc, root)
+    last = _pointer_or_none(root, "last")  # read now: `last` is the save's final write, so it did not move
+    kept = f"step {last['step']}" if last else "none was written yet"
+    return CheckpointError(f"{what}: the checkpoint of step {step} was not written (its partial files are removed) "
+                           f"and the last checkpoint ({kept}) is kept; {fix}, then continue with tdlm run RECIPE "
+                           "--resume")
 
 
 def all_finite(weights: dict) -> bool:
@@ -165,6 +181,12 @@ def _prune(root: Path) -> None:
     for path in root.glob("step-*"):
         if path.name not in keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def last_step(run_dir: Path) -> int | None:
+    """The step of the `last` checkpoint; None when there is none (or it cannot be read)."""
+    last = _pointer_or_none(Path(run_dir) / "checkpoints", "last")
+    return last["step"] if last else None
 
 
 def read_pointer(run_dir: Path, which: str) -> dict:
@@ -275,7 +297,7 @@ def set_aside(path: Path) -> Path:
 
 def point(run_dir: Path, which: str, path: Path, step: int, **info) -> None:
     """Replace pointer `which` by one naming `path` (a checkpoint directory of `step`)."""
-    _write_json_atomic(Path(run_dir) / "checkpoints" / f"{which}.json", {"step": step, "dir": Path(path).name, **info})
+    _write_json(Path(run_dir) / "checkpoints" / f"{which}.json", {"step": step, "dir": Path(path).name, **info})
 
 
 def _unreadable(file: Path, exc: Exception) -> CheckpointError:

@@ -9,12 +9,12 @@ or a full disk left half-written is dropped with a warning.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from tdlm.errors import TdlmError
+from tdlm.files import append_line, write_atomically
 
 
 class MetricsError(TdlmError):
@@ -35,8 +35,7 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"step": step, "kind": kind, "time": round(time.time(), 3), **metrics}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.run_dir / "metrics.jsonl", json.dumps(record))
         if self.writer is not None:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -78,25 +77,4 @@ def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
 def rewrite_metrics(run_dir: Path, records: list[dict]) -> None:
     """Replace metrics.jsonl with `records`, atomically: a kill at any moment leaves either the
     old file or the new one, never an empty or partial one."""
-    path = Path(run_dir) / "metrics.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    write_atomically(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -23,13 +22,15 @@ from tdlm.data import load_corpus, train_stream
 from tdlm.training.distributed import StopAgreement, device_name, from_main, make_accelerator, unwrap
 from tdlm.data.manifest import ShardError
 from tdlm.data.record import check_record, data_record, write_record
-from tdlm.errors import DataError, RunError, TrainingDiverged  # noqa: F401 - the CLI and tests import it from here
+from tdlm.errors import DataError, RunError, RunInterrupted, TrainingDiverged, WriteError  # noqa: F401 - the CLI and tests import it from here
 from tdlm.evaluate import EvaluationStopped
+from tdlm.files import write_atomically
 from tdlm.init_from import start_from, with_resolved_source
 from tdlm.studies.flops import flops_per_token, mfu, peak_flops
 from tdlm.lm import build_model
 from tdlm.training.monitor import RunLogger, read_metrics, rewrite_metrics
 from tdlm.training.evaluator import Evaluator
+from tdlm.training.interrupts import StopSignals
 from tdlm.training.step import TrainStep, mixed_precision
 from tdlm.rundir import check_resume_config, claim_run_dir, vocab_info, with_manifest, write_config, write_run_files
 
@@ -42,11 +43,16 @@ class Trainer:
         cfg = with_resolved_source(with_manifest(cfg, warn=warn))  # config.json records the source's absolute path
         self.cfg, self.tc, self.stop_at = cfg, cfg.training, stop_at
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
-        self.lock = self._claim_run_dir(resume, components)  # held until fit() ends, or the process does
+        self.signals = StopSignals(echo=tqdm.write)  # until fit() ends: a stop never cuts a checkpoint write
+        self.signals.install()
         try:
+            self.lock = self._claim_run_dir(resume, components)  # held until fit() ends, or the process does
             self._set_up(components, resume)
-        except BaseException:
+        except BaseException as exc:
+            self.signals.restore()
             self.release_run_dir(discard_if_empty=True)
+            if isinstance(exc, RunInterrupted):
+                raise self._interrupted(exc) from None
             raise
 
     def _set_up(self, components: dict, resume: bool) -> None:
@@ -94,7 +100,6 @@ class Trainer:
                 write_record(self.run_dir, record)
         self.logger = RunLogger(self.run_dir, tensorboard=cfg.logging.tensorboard, enabled=acc.is_main_process)
         self.logger.text(self.step, "config", to_toml(resolved_dict(cfg, components)))
-        self.stop_requested = False
         self.stop_agreement = StopAgreement(acc.num_processes)
         self._prefetched = None  # (step, batch) read ahead, so a damaged shard stops before the step
 
@@ -115,17 +120,42 @@ class Trainer:
         self.window_steps, self.window_seconds = 0, 0.0
         self.window_stats: dict[str, torch.Tensor] = {}
 
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a signal asked this process for a clean stop (tdlm.training.interrupts)."""
+        return self.signals.requested
+
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
         try:
             return self._loop()
+        except RunInterrupted as exc:
+            raise self._interrupted(exc) from None
+        except WriteError as exc:  # metrics, summary: the checkpoints say it in their own words
+            kept, then = self._where_it_stands()
+            raise WriteError(f"{exc.what}: {Path(exc.path).name} was not written and the run stopped at step "
+                             f"{self.step} (it {kept}); {exc.fix}, then {then}",
+                             path=exc.path, what=exc.what, fix=exc.fix, errno=exc.errno) from exc
         finally:
+            self.signals.restore()
             self.release_run_dir()
+
+    def _interrupted(self, exc: RunInterrupted) -> RunInterrupted:
+        """`exc` with where the run stands, read after the stop's cleanup."""
+        kept, then = self._where_it_stands()
+        return RunInterrupted(f"{exc}; the run {kept}: {then}", exc.signum)
+
+    def _where_it_stands(self) -> tuple[str, str]:
+        """(what the run keeps, what to do next), in words."""
+        step = ckpt.last_step(self.run_dir)
+        if step is None:
+            return "has no checkpoint yet", "start it again with tdlm run RECIPE"
+        return f"keeps its last checkpoint, step {step}", "continue with tdlm run RECIPE --resume"
 
     def _loop(self) -> dict:
         acc, tc = self.accelerator, self.tc
         self._announce()
-        handlers = self._catch_signals()
+        self.signals.start_training()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.logging.progress and acc.is_main_process),
                    desc=self.cfg.run.name, dynamic_ncols=True)
         window_start = time.perf_counter()
@@ -160,6 +190,7 @@ class Trainer:
                     self.evaluate_and_sample()
                 if at_ckpt or stopping:
                     self.save()
+                    stopping = stopping or self.signals.urgent  # a second signal waited for this save
                 if logging or stopping:  # the next window times training only, not this step's eval and save
                     window_start = time.perf_counter()
                 if stopping:
@@ -170,8 +201,6 @@ class Trainer:
             return self.finish("finished", bar)
         finally:
             bar.close()
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
             self.logger.close()
 
     def release_run_dir(self, *, discard_if_empty: bool = False) -> None:
@@ -274,7 +303,8 @@ class Trainer:
             return state
 
         best, self.evaluator.is_best = self.evaluator.is_best, False
-        self.checkpointer.save(self.model, self.step, state, best=best)
+        with self.signals.saving(self.step):  # a second signal waits for the checkpoint to be whole
+            self.checkpointer.save(self.model, self.step, state, best=best)
 
     def engine_name(self) -> str:
         return f"deepspeed-zero{self.deepspeed}" if self.deepspeed else "ddp" if self.accelerator.num_processes > 1 else "single"
@@ -313,7 +343,7 @@ class Trainer:
                 summary["samples"] = self.sample_text(model)
             summary["wall_time_s"] = self._wall_seconds()
         if acc.is_main_process:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         acc.wait_for_everyone()
         return summary
 
@@ -439,23 +469,6 @@ class Trainer:
                 + (f" | resuming at step {self.step} (session {self.sessions})" if self.sessions > 1 else "")
                 + (f" | weights from {self.source.checkpoint}" if self.source else "")
             )
-
-    def _catch_signals(self) -> dict:
-        """SIGINT/SIGTERM finish the current step, save a checkpoint and stop (resume later)."""
-
-        def request_stop(signum, frame):
-            if self.stop_requested:  # a second Ctrl-C stops at once
-                raise KeyboardInterrupt
-            self.stop_requested = True
-            tqdm.write(f"tdlm: {signal.Signals(signum).name} received; saving a checkpoint after this step")
-
-        handlers = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                handlers[sig] = signal.signal(sig, request_stop)
-            except ValueError:  # not in the main thread
-                pass
-        return handlers
 
 
 def _scalars(result: dict) -> dict:
