@@ -216,6 +216,9 @@ OPTIONS = [  # every value of every [model] option, both attentions
     ({"positions": "learned", "norm": "rmsnorm", "mlp": "swiglu", "tied_embeddings": True, "bias": False}, "diffusion"),
     ({"positions": "rope", "norm": "rmsnorm", "mlp": "gelu", "tied_embeddings": True, "d_ff": 48}, "ar"),
     ({"positions": "learned", "norm": "layernorm", "mlp": "swiglu", "bias": False, "dropout": 0.1}, "ar"),
+    # a denoiser started from an AR model: the BOS slot (bos_id = eot_id), RoPE over N + 1 slots
+    ({"positions": "rope", "norm": "layernorm", "mlp": "swiglu", "tied_embeddings": True, "shift_logits": True},
+     "diffusion"),
 ]
 
 
@@ -226,18 +229,22 @@ def test_transformers_gives_tdlm_s_logits_for_every_model_option(build, tmp_path
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     tdlm.hf.register()
-    built = build(vocab_size=V, seq_len=N, model={"n_layers": 2, "d_model": 32, "n_heads": 4, **options},
+    built = build(vocab_size=V, seq_len=N, bos_id=7, model={"n_layers": 2, "d_model": 32, "n_heads": 4, **options},
                   objective=objective)
     torch.manual_seed(0)
     with torch.no_grad():  # weights far from their init, so that a wrong operation shows in the logits
         for param in built.model.parameters():
             param.normal_(0.0, 0.3)
     net, causal = built.model.net.eval(), objective == "ar"
-    write_network(tmp_path, net.cfg, built.model.state_dict(), vocab_size=V, mask_id=V, eot_id=0, seq_len=N,
+    eot = 7  # the end-of-text id, the BOS slot's token with shift_logits (not 0, a default's value)
+    assert net.bos_id == (eot if options.get("shift_logits") else None)
+    write_network(tmp_path, net.cfg, built.model.state_dict(), vocab_size=V, mask_id=V, eot_id=eot, seq_len=N,
                   causal=causal, objective=objective)
     auto = AutoModelForCausalLM if causal else AutoModelForMaskedLM
     model = auto.from_pretrained(tmp_path).eval()  # registered: no remote code
     assert type(model).__module__ == "tdlm.hf.modeling_tdlm"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["shift_logits"], config["bos_id"]) == ((True, eot) if net.bos_id is not None else (False, None))
     for length in (N, 9):
         ids = torch.randint(0, V if causal else V + 1, (3, length), generator=torch.Generator().manual_seed(length))
         with torch.no_grad():
