@@ -4,9 +4,9 @@ A source is one of two folders:
 
 - a run directory (`config.json`, `data.json`, `checkpoints/`): its `best` checkpoint, or the one
   `DIR@last` / `DIR@STEP` names;
-- a folder `tdlm export` wrote: `model.safetensors` (tensors named as tdlm's model `state_dict()`)
-  and `tdlm_run.json` (`{"config": the run's resolved recipe, "data": its data.json, "step": ...}`).
-  `read_exported` is the one reader of that layout: the exporter's own loader may replace it.
+- a folder `tdlm export` wrote (`tdlm.export.is_export`), read with `tdlm.export.read_folder`, the
+  one reader of that layout: its recipe, its `state_dict` (tdlm's own names), its data record, and
+  the checkpoint it was exported from (name and step).
 
 Only the network's tensors (`net.*`) are taken; the optimizer, the step, the learning-rate schedule
 and any learned component state start fresh. The source must have this recipe's shapes and
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tdlm.errors import TdlmError
+from tdlm.export import ExportError, is_export, read_folder
+from tdlm.export.folder import RUN_FILE
 
-EXPORT_WEIGHTS, EXPORT_RUN = "model.safetensors", "tdlm_run.json"
 POINTERS = ("best", "last")
 # Network settings that change what the weights compute without changing a tensor's shape.
 SAME_FUNCTION = ("n_heads", "positions", "norm", "mlp", "tied_embeddings")
@@ -61,15 +62,19 @@ class Source:
     record: dict | None  # its data.json (None: a run from before records)
     checkpoint: Path  # the folder model.safetensors is read from
     step: int | None  # the training step of those weights, when known
+    checkpoint_name: str | None = None  # the run's checkpoint (step-N) of those weights, when known
+    tensors: dict | None = None  # an export's state_dict, read with its recipe; a run's is read by weights()
 
     def weights(self) -> dict:
         """The network's tensors, keyed as `LanguageModel.state_dict()` names them (`net.*`)."""
         from tdlm.training import checkpointer as ckpt
 
-        try:
-            tensors = ckpt.read_weights(self.checkpoint)
-        except (FileNotFoundError, TdlmError) as exc:
-            raise InitFromError(f"training.init_from {self.path}: {exc}") from None
+        tensors = self.tensors
+        if tensors is None:
+            try:
+                tensors = ckpt.read_weights(self.checkpoint)
+            except (FileNotFoundError, TdlmError) as exc:
+                raise InitFromError(f"training.init_from {self.path}: {exc}") from None
         if not any(key.startswith("net.") for key in tensors):  # a bare Transformer's state_dict
             tensors = {f"net.{key}": value for key, value in tensors.items()}
         return {key: value for key, value in tensors.items() if key.startswith("net.")}
@@ -77,7 +82,7 @@ class Source:
     def identity(self) -> dict:
         """What data.json records of the source."""
         record = self.record or {}
-        return {"path": str(self.path), "kind": self.kind, "checkpoint": self.checkpoint.name, "step": self.step,
+        return {"path": str(self.path), "kind": self.kind, "checkpoint": self.checkpoint_name, "step": self.step,
                 "objective": (self.config.get("objective") or {}).get("name"),
                 "tokenizer": record.get("tokenizer"),
                 "splits": {split: {k: v for k, v in entry.items() if k in ("tokens", "tokens_sha256", "text_sha256",
@@ -92,15 +97,15 @@ def open_source(spec: str) -> Source:
     if not folder.is_dir():
         raise InitFromError(f"training.init_from {spec!r}: no such folder (give a run directory, e.g. "
                             "runs/quick_wikitext2_ar, or a folder tdlm export wrote)")
-    if (folder / EXPORT_RUN).is_file() and (folder / EXPORT_WEIGHTS).is_file():
+    if is_export(folder):
         if which is not None:
             raise InitFromError(f"training.init_from {spec!r}: {folder} is an exported model, which holds one set of "
                                 f"weights; drop '@{which}'")
-        return read_exported(folder)
+        return read_export(folder)
     if (folder / "config.json").is_file():
         return read_run(folder, which or "best")
     raise InitFromError(f"training.init_from {spec!r}: {folder} is neither a run directory (no config.json) nor an "
-                        f"exported model (no {EXPORT_RUN} beside {EXPORT_WEIGHTS})")
+                        f"exported model (no {RUN_FILE})")
 
 
 def read_run(folder: Path, which: str) -> Source:
@@ -112,18 +117,20 @@ def read_run(folder: Path, which: str) -> Source:
     except TdlmError as exc:
         raise InitFromError(f"training.init_from {folder}@{which}: {exc}") from None
     step = int(checkpoint.name[5:]) if checkpoint.name[5:].isdigit() else None
-    return Source(folder, "run", _json(folder / "config.json"), read_record(folder), checkpoint, step)
+    return Source(folder, "run", _json(folder / "config.json"), read_record(folder), checkpoint, step, checkpoint.name)
 
 
-def read_exported(folder: Path) -> Source:
-    """An exported model: tdlm_run.json (`config`, `data`, optionally `step`) beside model.safetensors."""
-    run = _json(folder / EXPORT_RUN)
-    if not isinstance(run.get("config"), dict):
-        raise InitFromError(f"training.init_from {folder}: {EXPORT_RUN} holds no 'config' (the run's resolved "
-                            "recipe); export the run again")
-    step = run.get("step")
-    data = run.get("data") if isinstance(run.get("data"), dict) else None
-    return Source(folder, "export", run["config"], data, folder, step if isinstance(step, int) else None)
+def read_export(folder: Path) -> Source:
+    """A folder `tdlm export` wrote, through tdlm.export.read_folder; the step and checkpoint name
+    are those of the run's checkpoint it was exported from."""
+    try:
+        recipe, state_dict, data, info = read_folder(folder)
+    except ExportError as exc:
+        raise InitFromError(f"training.init_from: {exc}") from None
+    checkpoint = info.get("checkpoint") or {}
+    step, name = checkpoint.get("step"), checkpoint.get("name")
+    return Source(folder, "export", recipe, data if isinstance(data, dict) else None, folder,
+                  step if isinstance(step, int) else None, name if isinstance(name, str) else None, state_dict)
 
 
 def _json(path: Path) -> dict:

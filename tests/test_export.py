@@ -209,6 +209,36 @@ def test_learned_masking_weights_travel_with_the_export(trained_pair, tmp_path, 
     assert figures[0]["nll_per_token"] == figures[1]["nll_per_token"]
 
 
+def test_a_shifted_run_exports_and_reads_back_as_the_run(trained_pair, tmp_path, monkeypatch):
+    """model.shift_logits (a denoiser started from an AR model): tdlm export writes it, transformers
+    gives the network's logits and tdlm eval of the folder the run's figures. (The toy BPE's
+    end-of-text id is 0; that the BOS slot reads bos_id and no other id is checked with id 7 in
+    test_transformers_gives_tdlm_s_logits_for_every_model_option.)"""
+    import tdlm.hf
+    from toydata import toy_recipe
+    from transformers import AutoModelForMaskedLM
+
+    monkeypatch.setenv("TDLM_CACHE_DIR", str(trained_pair["cache"]))
+    recipe = toy_recipe(tmp_path / "shifted.toml", trained_pair["corpus"], tmp_path / "runs")
+    assert tdlm_cli("run", recipe, "--set", "training.max_steps=2", "--set", "model.shift_logits=true").exit_code == 0
+    run, folder = tmp_path / "runs" / "shifted", tmp_path / "shifted"
+    result = tdlm_cli("export", run, folder, "--checkpoint", "last")
+    assert result.exit_code == 0, result.output
+    from tdlm.rundir import load_run
+
+    net = load_run(run, which="last").built.model.net.eval()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["shift_logits"] is True and config["bos_id"] == config["eot_id"] == net.bos_id
+    tdlm.hf.register()
+    model = AutoModelForMaskedLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, net.vocab_size + 1, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, net(ids), atol=1e-5, rtol=0)
+    figures = [json.loads(tdlm_cli("eval", f, "--checkpoint", "last", "--json", "--device", "cpu").stdout)
+               for f in (run, folder)]
+    assert figures[0]["nll_per_token"] == figures[1]["nll_per_token"]
+
+
 # --- transformers -----------------------------------------------------------------------------
 
 OPTIONS = [  # every value of every [model] option, both attentions
@@ -216,6 +246,9 @@ OPTIONS = [  # every value of every [model] option, both attentions
     ({"positions": "learned", "norm": "rmsnorm", "mlp": "swiglu", "tied_embeddings": True, "bias": False}, "diffusion"),
     ({"positions": "rope", "norm": "rmsnorm", "mlp": "gelu", "tied_embeddings": True, "d_ff": 48}, "ar"),
     ({"positions": "learned", "norm": "layernorm", "mlp": "swiglu", "bias": False, "dropout": 0.1}, "ar"),
+    # a denoiser started from an AR model: the BOS slot (bos_id = eot_id), RoPE over N + 1 slots
+    ({"positions": "rope", "norm": "layernorm", "mlp": "swiglu", "tied_embeddings": True, "shift_logits": True},
+     "diffusion"),
 ]
 
 
@@ -226,18 +259,22 @@ def test_transformers_gives_tdlm_s_logits_for_every_model_option(build, tmp_path
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     tdlm.hf.register()
-    built = build(vocab_size=V, seq_len=N, model={"n_layers": 2, "d_model": 32, "n_heads": 4, **options},
+    built = build(vocab_size=V, seq_len=N, bos_id=7, model={"n_layers": 2, "d_model": 32, "n_heads": 4, **options},
                   objective=objective)
     torch.manual_seed(0)
     with torch.no_grad():  # weights far from their init, so that a wrong operation shows in the logits
         for param in built.model.parameters():
             param.normal_(0.0, 0.3)
     net, causal = built.model.net.eval(), objective == "ar"
-    write_network(tmp_path, net.cfg, built.model.state_dict(), vocab_size=V, mask_id=V, eot_id=0, seq_len=N,
+    eot = 7  # the end-of-text id, the BOS slot's token with shift_logits (not 0, a default's value)
+    assert net.bos_id == (eot if options.get("shift_logits") else None)
+    write_network(tmp_path, net.cfg, built.model.state_dict(), vocab_size=V, mask_id=V, eot_id=eot, seq_len=N,
                   causal=causal, objective=objective)
     auto = AutoModelForCausalLM if causal else AutoModelForMaskedLM
     model = auto.from_pretrained(tmp_path).eval()  # registered: no remote code
     assert type(model).__module__ == "tdlm.hf.modeling_tdlm"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["shift_logits"], config["bos_id"]) == ((True, eot) if net.bos_id is not None else (False, None))
     for length in (N, 9):
         ids = torch.randint(0, V if causal else V + 1, (3, length), generator=torch.Generator().manual_seed(length))
         with torch.no_grad():

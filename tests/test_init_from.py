@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from toydata import toy_recipe, write_toy_corpus
 
 from tdlm.cli import cli
@@ -50,14 +50,10 @@ def net_weights(path: Path) -> dict:
     return {k: v for k, v in load_file(path / "model.safetensors").items() if k.startswith("net.")}
 
 
-def export_folder(run: Path, out: Path) -> Path:
-    """The layout `tdlm export` writes, made by hand: model.safetensors + tdlm_run.json."""
-    out.mkdir()
-    checkpoint = run / "checkpoints" / json.loads((run / "checkpoints" / "best.json").read_text())["dir"]
-    save_file(load_file(checkpoint / "model.safetensors"), out / "model.safetensors")
-    (out / "tdlm_run.json").write_text(json.dumps({
-        "config": json.loads((run / "config.json").read_text()), "data": json.loads((run / "data.json").read_text()),
-        "step": int(checkpoint.name[5:])}))
+def export_folder(run: Path, out: Path, which: str = "last") -> Path:
+    """`tdlm export` of checkpoint `which` of `run` (the folder it writes, nothing made by hand)."""
+    code, output = tdlm("export", run, out, "--checkpoint", which)
+    assert code == 0, output
     return out
 
 
@@ -82,8 +78,28 @@ def test_a_run_starts_from_the_sources_weights_and_records_the_source(env, kind,
     record = json.loads((run / "data.json").read_text())
     ar_record = json.loads((env["ar"] / "data.json").read_text())
     assert record["init_from"]["step"] == 4 and record["init_from"]["kind"] == kind
+    assert record["init_from"]["checkpoint"] == "step-0000004" and record["init_from"]["objective"] == "ar"
     assert record["init_from"]["tokenizer"] == ar_record["tokenizer"] == record["tokenizer"]
     assert record["init_from"]["splits"]["train"]["tokens_sha256"] == ar_record["splits"]["train"]["tokens_sha256"]
+
+
+def test_an_export_that_cannot_serve_is_refused_in_one_line(env, tmp_path):
+    folder = export_folder(env["ar"], tmp_path / "exported")
+    args = ["run", env["recipe"], "--set", "run.name=never", "--check"]
+    code, output = tdlm(*args, "--set", f'training.init_from="{folder}@last"')
+    assert code == 2 and "is an exported model, which holds one set of weights; drop '@last'" in output, output
+    bare = tmp_path / "bare"  # the Hugging Face part of an export, without tdlm_run.json
+    bare.mkdir()
+    shutil.copy(folder / "config.json", bare)
+    shutil.copy(folder / "model.safetensors", bare)
+    code, output = tdlm(*args, "--set", f'training.init_from="{bare}"')
+    assert code == 2 and output.count("\n") == 1 and "no tdlm_run.json" in output, output
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    (damaged / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])
+    code, output = tdlm(*args, "--set", f'training.init_from="{damaged}"')
+    assert code == 2 and output.count("\n") == 1 and "truncated or corrupt" in output, output
+    assert not (env["root"] / "runs" / "never").exists()
 
 
 def test_a_source_of_another_shape_is_one_line_naming_the_tensors(env):

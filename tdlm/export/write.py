@@ -1,7 +1,8 @@
 """`tdlm export`: a trained run as a self-contained Hugging Face model folder.
 
     config.json               model_type "tdlm": every [model] option, vocab size, mask/end-of-text ids,
-                              objective, auto_map (trust_remote_code)
+                              bos_id (the BOS slot's token, with shift_logits), objective, auto_map
+                              (trust_remote_code)
     model.safetensors         tdlm.lm.LanguageModel.state_dict() as a checkpoint holds it: `net.*` the
                               Transformer, `objective.*` component state (learned masking weights)
     configuration_tdlm.py     the standalone model code (torch + transformers, no tdlm), from tdlm/hf/
@@ -28,7 +29,7 @@ from pathlib import Path
 from tdlm.export.folder import FORMAT, RUN_FILE, VERSION, WEIGHTS_FILE, ExportError, is_export
 
 MODEL_OPTIONS = ("n_layers", "d_model", "n_heads", "d_ff", "positions", "norm", "mlp", "tied_embeddings",
-                 "dropout", "bias")
+                 "dropout", "bias", "shift_logits")
 """The [model] options the standalone modeling_tdlm.py implements. An option tdlm gains that is not
 here makes the export refuse: the copy would compute something else than tdlm's model."""
 
@@ -50,6 +51,7 @@ def hf_config(model_cfg, *, vocab_size: int, mask_id: int, eot_id: int, seq_len:
             "auto_map": {"AutoConfig": "configuration_tdlm.TdlmConfig", auto: f"modeling_tdlm.{arch}"},
             "vocab_size": vocab_size, **{k: options[k] for k in MODEL_OPTIONS}, "max_len": seq_len,
             "causal": causal, "objective": objective, "mask_id": mask_id, "eot_id": eot_id,
+            "bos_id": eot_id if model_cfg.shift_logits else None,  # tdlm.model.Transformer's BOS slot
             "bos_token_id": eot_id, "eos_token_id": eot_id, "tie_word_embeddings": False, "dtype": dtype,
             "tdlm_version": __version__}
 

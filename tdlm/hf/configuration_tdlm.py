@@ -15,7 +15,9 @@ class TdlmConfig(PretrainedConfig):
     last one (id V, `mask_id`) the mask token of diffusion models, which the head never
     scores (not `mask_token_id`: transformers expects those within the V scored ids).
     `eot_id` is the end-of-text token, also bos/eos. `d_ff` is the MLP width as trained
-    (resolved from tdlm's default rule).
+    (resolved from tdlm's default rule). `shift_logits` (a denoiser started from an AR model):
+    the network reads `bos_id` (the end-of-text id) before the sequence and gives position j
+    the output of the slot before it.
     """
 
     model_type = "tdlm"
@@ -29,12 +31,15 @@ class TdlmConfig(PretrainedConfig):
 
     def __init__(self, vocab_size=50257, n_layers=2, d_model=64, n_heads=4, d_ff=256, positions="rope",
                  norm="layernorm", mlp="gelu", tied_embeddings=False, dropout=0.0, bias=True, max_len=128,
-                 causal=False, objective="diffusion", mask_id=None, eot_id=None, **kwargs):
+                 causal=False, objective="diffusion", mask_id=None, eot_id=None, shift_logits=False, bos_id=None,
+                 **kwargs):
         self.vocab_size, self.n_layers, self.d_model, self.n_heads, self.d_ff = vocab_size, n_layers, d_model, n_heads, d_ff
         self.positions, self.norm, self.mlp, self.tied_embeddings = positions, norm, mlp, tied_embeddings
         self.dropout, self.bias, self.max_len, self.causal, self.objective = dropout, bias, max_len, causal, objective
         self.mask_id = vocab_size if mask_id is None else mask_id
         self.eot_id = eot_id
+        self.shift_logits = shift_logits
+        self.bos_id = eot_id if bos_id is None and shift_logits else bos_id  # the token of the BOS slot
         kwargs.setdefault("bos_token_id", eot_id)  # tdlm's AR models start from end-of-text
         kwargs.setdefault("eos_token_id", eot_id)
         # the tied head is the embedding without its mask row: the model does that itself, so

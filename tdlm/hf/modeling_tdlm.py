@@ -10,7 +10,10 @@ tdlm's component state such as learned masking weights, unused here), loads as i
 - TdlmForMaskedLM (objective "diffusion"): bidirectional. input_ids may hold `mask_id`
   (= vocab_size); logits [B, N, V] are the denoiser's prediction of the clean token at every
   position, over the V real tokens (never the mask). Sampling is a diffusion chain, not
-  `generate()`: see diffusion_config.json and tdlm's samplers.
+  `generate()`: see diffusion_config.json and tdlm's samplers. With `shift_logits` (a denoiser
+  started from an AR model) the network itself reads [bos_id, x_0 .. x_{N-1}] (N + 1 positions)
+  and the logits of position j are those of the slot holding x_{j-1}; input_ids and logits are
+  still [B, N]: pass the sequence alone, without a BOS.
 - TdlmForCausalLM (objective "ar"): causal; logits at position i predict token i + 1, the
   sequence starting from `bos_token_id` (end-of-text), as tdlm trains it. No key/value cache:
   each step of `generate()` reads the whole prefix again (fine at these sizes).
@@ -106,6 +109,11 @@ class TdlmTransformer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.vocab_size, self.max_len, self.config = config.vocab_size, config.max_len, config
+        self.bos_id = None
+        if config.shift_logits:
+            if config.bos_id is None:
+                raise ValueError("shift_logits needs bos_id, the token of the first slot, in config.json")
+            self.bos_id = config.bos_id
         self.tok_emb = nn.Embedding(config.vocab_size + 1, config.d_model)
         self.pos_emb = nn.Embedding(config.max_len, config.d_model) if config.positions == "learned" else None
         self.drop = nn.Dropout(config.dropout)
@@ -118,9 +126,13 @@ class TdlmTransformer(nn.Module):
         return self.tok_emb.weight[: self.vocab_size] if self.head is None else self.head.weight
 
     def forward(self, input_ids):
+        """input_ids [B, N] -> the final normalised hidden states [B, N, d]: with shift_logits, those
+        of the slots [BOS, x_0 .. x_{N-2}] of the input [BOS, x_0 .. x_{N-1}]."""
+        if input_ids.shape[1] > self.max_len:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds the model's max length {self.max_len}")
+        if self.bos_id is not None:
+            input_ids = torch.cat([torch.full_like(input_ids[:, :1], self.bos_id), input_ids], dim=1)
         length = input_ids.shape[1]
-        if length > self.max_len:
-            raise ValueError(f"sequence of {length} tokens exceeds the model's max length {self.max_len}")
         h = self.tok_emb(input_ids)
         rope = None
         if self.pos_emb is not None:
@@ -130,7 +142,9 @@ class TdlmTransformer(nn.Module):
         h = self.drop(h)
         for block in self.blocks:
             h = block(h, rope)
-        return self.ln_f(h)
+        h = self.ln_f(h)
+        # the last slot (x_{N-1}) predicts nothing, but every other slot attends to it
+        return h[:, :-1] if self.bos_id is not None else h
 
 
 class TdlmPreTrainedModel(PreTrainedModel):
