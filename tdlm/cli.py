@@ -25,13 +25,26 @@ def _fail(message: str) -> None:
 
 
 class _Commands(click.Group):
-    """Every command's user errors (TdlmError) end as one line on stderr and exit code 2."""
+    """Every command's user errors (TdlmError) end as one line on stderr and exit code 2; so do
+    file-system errors on a path (a read-only folder, a path through a file, a full disk): the
+    user fixes them, not the code."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except TdlmError as exc:
             _fail(str(exc))
+        except OSError as exc:
+            if exc.filename is None:
+                raise  # not about a path the user gave: a bug to see whole
+            _fail(_file_problem(exc))
+
+
+def _file_problem(exc: OSError) -> str:
+    """An OSError on a path as one line: the path, what the system said, what to check."""
+    path = exc.filename + (f" -> {exc.filename2}" if exc.filename2 else "")
+    return (f"{path}: {exc.strerror or type(exc).__name__}; check that the path exists, is the kind of file meant "
+            "(a folder or a file), and can be written, then try again")
 
 
 def _load_recipe(recipe: str, overrides: tuple[str, ...], unset: tuple[str, ...] = ()):
@@ -69,12 +82,12 @@ def run(recipe, overrides, unset, resume, stop_at, check):
     cfg, components = _load_recipe(recipe, overrides, unset)
     if check:
         from tdlm.config import resolved_dict, to_toml
-        from tdlm.data.locate import file_in_the_way
+        from tdlm.data.locate import file_in_the_way, not_a_folder
         from tdlm.rundir import with_manifest
 
         blocker = file_in_the_way(Path(cfg.run.out_dir) / cfg.run.name)
         if blocker is not None:
-            _fail(f"run.out_dir {cfg.run.out_dir}: {blocker} is a file, not a folder; set run.out_dir to a folder")
+            _fail(f"run.out_dir {cfg.run.out_dir}: {blocker} {not_a_folder(blocker)}; set run.out_dir to a folder")
         cfg = with_manifest(cfg, warn=lambda line: click.echo(line, err=True))  # shards: their tokenizer
         click.echo(to_toml(resolved_dict(cfg, components)))
         return
@@ -109,7 +122,7 @@ def run(recipe, overrides, unset, resume, stop_at, check):
 
 
 @cli.command("eval")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", type=click.Path())  # checked by load_run: one message
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
 @click.option("--text", "texts", multiple=True, metavar="FILE",
               help="Score this UTF-8 text file instead of a split (repeatable): zero-shot evaluation.")
@@ -217,7 +230,7 @@ def _canvas_ids(vocab, *, prompt, template, length, seq_len) -> list[int]:
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", type=click.Path())  # checked by load_run: one message
 @click.option("--num", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--length", type=click.IntRange(min=1), default=None, help="Tokens per sample (default: seq_len).")
 @click.option("--prompt", default=None, help="Text the samples start with (kept fixed).")
@@ -360,7 +373,7 @@ def sweep(sweep_file, dry_run, patterns, emit, launch_config, gpus, time_limit):
 
 
 @cli.command()
-@click.argument("runs_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("runs_dirs", nargs=-1, required=True, type=click.Path())  # checked by find_runs
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Folder for report.md, report.csv and the plots (default: the first RUNS_DIR).")
 def report(runs_dirs, out_dir):
@@ -371,7 +384,8 @@ def report(runs_dirs, out_dir):
     from tdlm.studies.report import ReportError, write_report
 
     try:
-        markdown, written = write_report([Path(d) for d in runs_dirs], Path(out_dir or runs_dirs[0]))
+        markdown, written = write_report([Path(d) for d in runs_dirs], Path(out_dir or runs_dirs[0]),
+                                         warn=lambda line: click.echo(line, err=True))
     except ReportError as exc:
         _fail(str(exc))
     click.echo(markdown)
@@ -479,7 +493,7 @@ def bench(as_json, device, recipe, suite, **settings):
 
 
 @cli.command("gen-eval")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", type=click.Path())  # checked by load_run: one message
 @click.option("--sampler", default=None, help="Sampler name (default: the recipe's).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Sampler option, e.g. --option steps=64 (repeatable).")

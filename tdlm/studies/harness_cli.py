@@ -29,7 +29,7 @@ def import_harness():
 
 
 @click.command("lm-eval")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", type=click.Path())  # checked by load_run: one message
 @click.option("--tasks", required=True, metavar="NAMES",
               help="lm-eval task or group names, comma-separated (glob patterns allowed).")
 @click.option("--include-path", type=click.Path(file_okay=False), default=None, metavar="DIR",

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tdlm.data.locate import not_a_folder
+from tdlm.errors import TdlmError
 from tdlm.rundir import run_status
 from tdlm.training.monitor import read_metrics
 
@@ -132,20 +134,30 @@ class Run:
 
 
 # -- finding and reading runs ----------------------------------------------------------------
-def find_runs(roots: list[Path]) -> list[Run]:
-    runs = []
+def find_runs(roots: list[Path], warn=None) -> list[Run]:
+    """Every run under `roots`. A run whose files cannot be read is left out and named through
+    `warn(line)` (one damaged run never stops the report of the others); without `warn`, its
+    ReportError is raised."""
+    runs, skipped = [], []
     for root in roots:
         if not root.is_dir():
-            raise ReportError(f"{root} is not a folder")
+            raise ReportError(f"{root} {not_a_folder(root)}: give folders that hold runs")
         for folder, subfolders, files in os.walk(root):
             folder = Path(folder)
             if "config.json" in files:
                 subfolders.clear()  # a run's own folders (checkpoints, tensorboard) hold no runs
-                runs.append(read_run(folder, _run_name(folder, root)))
+                try:
+                    runs.append(read_run(folder, _run_name(folder, root)))
+                except ReportError as exc:
+                    if warn is None:
+                        raise
+                    warn(f"tdlm: warning: left out of the report: {exc}")
+                    skipped.append(folder)
             else:
                 subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
     if not runs:
-        raise ReportError(f"no runs (folders with a config.json) under {', '.join(map(str, roots))}")
+        found = f" ({len(skipped)} found, none readable)" if skipped else ""
+        raise ReportError(f"no runs (folders with a config.json) under {', '.join(map(str, roots))}{found}")
     names = [r.name for r in runs]
     for run in runs:  # the same name under two roots: tell them apart by their full path
         if names.count(run.name) > 1:
@@ -154,14 +166,31 @@ def find_runs(roots: list[Path]) -> list[Run]:
 
 
 def read_run(folder: Path, name: str) -> Run:
+    """A run's config, summary and metrics; ReportError naming the file that cannot be used."""
+    summary_path = folder / "summary.json"
+    config = _json_table(folder / "config.json")
+    summary = _json_table(summary_path) if summary_path.exists() else {}
+    for section, key in (("training", "batch_size"), ("data", "seq_len")):  # what every figure needs
+        if not isinstance(config.get(section), dict) or not isinstance(config[section].get(key), int):
+            raise ReportError(f"{folder / 'config.json'} lacks {section}.{key}: it is not a tdlm run's config")
     try:
-        config = json.loads((folder / "config.json").read_text())
-        summary_path = folder / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         metrics = read_metrics(folder)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{folder}: cannot read the run: {exc}") from exc
+    except (OSError, ValueError, TdlmError) as exc:
+        raise ReportError(f"{folder / 'metrics.jsonl'} cannot be read: {exc}") from None
     return Run(folder, name, config, summary, metrics)
+
+
+def _json_table(path: Path) -> dict:
+    """A JSON object from `path`, or ReportError saying why the file cannot be read."""
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ReportError(f"{path} is not UTF-8 text (a damaged or foreign file)") from None
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path} cannot be read: {exc}") from None
+    if not isinstance(table, dict):
+        raise ReportError(f"{path} is not a JSON object")
+    return table
 
 
 def _run_name(folder: Path, root: Path) -> str:
@@ -406,9 +435,10 @@ def spaced_ticks(values: list[float], *, min_ratio: float = 1.25) -> list[float]
 
 
 # -- the whole report ------------------------------------------------------------------------
-def write_report(roots: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
-    """Write report.md, report.csv and the PNGs into out_dir; returns the markdown and the paths."""
-    runs = sort_runs(find_runs(roots))
+def write_report(roots: list[Path], out_dir: Path, warn=None) -> tuple[str, list[Path]]:
+    """Write report.md, report.csv and the PNGs into out_dir; returns the markdown and the paths.
+    `warn(line)`: where runs that cannot be read are named (they are left out); see find_runs."""
+    runs = sort_runs(find_runs(roots, warn))
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = [p for p in (plot_curves(runs, out_dir / "valid_curves.png"),
                          plot_final(runs, out_dir / "final_vs_epochs.png", x="epochs"),

@@ -352,7 +352,8 @@ class Trainer:
     def _resume(self) -> None:
         acc = self.accelerator
         # last, or (when it cannot be read) the newest readable one; DeepSpeed reads its engine state instead
-        path, state, weights, skipped = ckpt.readable_checkpoint(self.run_dir, weights=not self.deepspeed)
+        path, state, weights, skipped = ckpt.readable_checkpoint(
+            self.run_dir, weights=not self.deepspeed, expected=unwrap(acc, self.model).state_dict())
         written_by = state.get("engine", "single")
         if self.deepspeed or written_by.startswith("deepspeed"):
             if written_by != self.engine_name() or state.get("processes") != acc.num_processes:
