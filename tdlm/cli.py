@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import click
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tdlm.errors import TdlmError
+from tdlm.jsontext import dumps
 
 EXIT_BAD_INPUT = 2
 
@@ -188,7 +188,7 @@ def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, t_s
             result["source"] = source or str(origin)
         results.append(result)
     if as_json:
-        click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        click.echo(dumps(results[0] if len(results) == 1 else results))
     else:
         click.echo("\n".join(format_result(result) for result in results))
 
@@ -308,10 +308,9 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
         draw_trace([f.numpy() for f in frames], vocab.mask_id, vocab.decode, trace, title=f"{name}:")
         click.echo(f"wrote {trace} ({len(frames) - 1} steps of sample 0)", err=True)
     if as_json:
-        click.echo(json.dumps({"samples": made.texts, "nfe": out.nfe, "seconds": made.seconds,
+        click.echo(dumps({"samples": made.texts, "nfe": out.nfe, "seconds": made.seconds,
                                "tokens_per_s": made.tokens_per_s, "generated_tokens": made.generated_tokens,
-                               "sampler": name, "stats": out.stats},
-                              indent=2))
+                               "sampler": name, "stats": out.stats}))
         return
     for i, text in enumerate(made.texts):
         click.echo(f"--- sample {i}\n{text}")
@@ -410,7 +409,7 @@ def plugins(name, as_json):
     rows = [{"kind": c.kind, "name": c.name, "plugin": c.plugin, "package": c.package, "version": c.version,
              "options": sorted(c.config_cls.model_fields)} for c in registry.all()]
     if as_json:
-        click.echo(json.dumps({"components": rows, "failed": registry.failed}, indent=2))
+        click.echo(dumps({"components": rows, "failed": registry.failed}))
         return
     for kind in KINDS:
         click.echo(f"{kind}s:")
@@ -437,7 +436,7 @@ def _show_component(registry, name: str, as_json: bool) -> None:
     shown = [{"kind": c.kind, "name": c.name, "package": c.package, "version": c.version, "plugin": c.plugin,
               "doc": (c.cls.__doc__ or "").strip(), "options": describe_options(c.config_cls)} for c in found]
     if as_json:
-        click.echo(json.dumps(shown, indent=2, default=str))
+        click.echo(dumps(shown, default=str))
         return
     for entry in shown:
         click.echo(f"{entry['kind']} {entry['name']} ({entry['package']} {entry['version']}, {entry['plugin']})")
@@ -484,12 +483,12 @@ def bench(as_json, device, recipe, suite, **settings):
         for key in ("vocab", "d_model", "n_layers", "n_heads", "batch", "seq_len", "objective"):
             settings.pop(key)
         results = benchmark.suite(**settings)
-        click.echo(json.dumps(results, indent=2) if as_json else benchmark.format_suite(results))
+        click.echo(dumps(results) if as_json else benchmark.format_suite(results))
         return
     if recipe:
         settings.update(benchmark.recipe_settings(recipe))
     result = benchmark.measure(**settings)
-    click.echo(json.dumps(result, indent=2) if as_json else benchmark.format_result(result))
+    click.echo(dumps(result) if as_json else benchmark.format_result(result))
 
 
 @cli.command("gen-eval")
@@ -518,7 +517,7 @@ def gen_eval(run_dir, sampler, options, reference, which, device, out_dir, as_js
 
     from tdlm.config import RecipeError
     from tdlm.data import DataNotFoundError
-    from tdlm.studies.geneval import GenEval, GenEvalError, format_report, jsonable, write_report
+    from tdlm.studies.geneval import GenEval, GenEvalError, format_report, write_report
     from tdlm.registry import PluginError
 
     parsed = _sampler_options(options)
@@ -530,7 +529,7 @@ def gen_eval(run_dir, sampler, options, reference, which, device, out_dir, as_js
         _fail(str(exc))
     json_path, png_path = write_report(result, Path(out_dir) if out_dir else Path(run_dir) / "geneval")
     if as_json:
-        click.echo(json.dumps(jsonable({**result, "json": str(json_path), "png": str(png_path)}), indent=2))
+        click.echo(dumps({**result, "json": str(json_path), "png": str(png_path)}))
         return
     click.echo(format_report(result))
     click.echo(f"  sample 0: {result['samples'][0][:200]!r}")

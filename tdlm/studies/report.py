@@ -223,7 +223,8 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
                 row += ["-", "-", "-"]
                 continue
             bound = result.get("is_bound", run.is_diffusion)
-            row += [f"{result['nll_per_token']:.3f} ± {result.get('stderr', float('nan')):.3f}",
+            stderr = result.get("stderr")
+            row += [f"{result['nll_per_token']:.3f} ± " + ("?" if stderr is None else f"{stderr:.3f}"),
                     ("<= " if bound else "") + f"{result['ppl']:.1f}", f"{result.get('bits_per_byte', float('nan')):.3f}"]
         row.append(_duration(run.summary.get("wall_time_s")))
         rows.append(row)
@@ -300,10 +301,12 @@ def comparison_lines(runs: list[Run]) -> list[str]:
     for diffusion, ar, split in found:
         d, a = diffusion.final(split), ar.final(split)
         gap = a["nll_per_token"] - d["nll_per_token"]
-        se = math.hypot(d.get("stderr", 0.0), a.get("stderr", 0.0))
+        se = math.hypot(_stderr(d), _stderr(a))
         where = f"{_epochs(diffusion.epochs)}, {_count(diffusion.parameters)} params ({diffusion.group_label})"
         where += f" [{split}]" if len(splits) > 1 else ""
-        if gap > 2 * se:
+        if math.isnan(se):
+            verdict = "a standard error is unknown (one sequence scored): no difference can be shown"
+        elif gap > 2 * se:
             verdict = "the diffusion bound is lower, so the diffusion model is better"
             overtakes.append(diffusion)
         elif gap < -2 * se:
@@ -311,7 +314,7 @@ def comparison_lines(runs: list[Run]) -> list[str]:
         else:
             verdict = "within two standard errors: no difference shown"
         lines.append(f"- {where}: AR {a['nll_per_token']:.3f} vs diffusion <= {d['nll_per_token']:.3f}; "
-                     f"gap {gap:+.3f} ± {se:.3f}: {verdict}.")
+                     f"gap {gap:+.3f} ± {'?' if math.isnan(se) else f'{se:.3f}'}: {verdict}.")
     epochs = sorted({round(d.epochs, 3) for d, *_ in found if d.epochs})
     if len(epochs) > 1:
         tried = ", ".join(_number(e) for e in epochs)
@@ -371,7 +374,7 @@ def plot_final(runs: list[Run], path: Path, *, x: str) -> Path | None:
                 continue
             xs = [p[0] for p in points]
             ys = [p[1]["nll_per_token"] for p in points]
-            errors = [Z95 * p[1].get("stderr", 0.0) for p in points]
+            errors = [Z95 * _stderr(p[1]) for p in points]  # unknown: no bar drawn, rather than a 0 one
             label = objective + (" (NELBO, a bound)" if objective != "ar" else " (exact NLL)")
             label += f" [{series_label(members)}]" if len(series) > len({o for o, _ in series}) else ""
             ax.errorbar(xs, ys, yerr=errors, capsize=3, marker="o" if objective != "ar" else "s",
@@ -457,6 +460,12 @@ def write_report(roots: list[Path], out_dir: Path, warn=None) -> tuple[str, list
     (out_dir / "report.md").write_text(markdown)
     (out_dir / "report.csv").write_text(csv_text(runs))
     return markdown, [out_dir / "report.md", out_dir / "report.csv", *plots]
+
+
+def _stderr(result: dict) -> float:
+    """A result's standard error; NaN where it is unknown (one sequence scored: evaluate gives None)."""
+    stderr = result.get("stderr", 0.0)
+    return math.nan if stderr is None else stderr
 
 
 def _count(value) -> str:

@@ -456,7 +456,7 @@ class Trainer:
 
 def _scalars(result: dict) -> dict:
     keys = ("nll_per_token", "ppl", "bits_per_byte", "stderr", "masked_accuracy", "next_token_accuracy")
-    return {k: result[k] for k in keys if k in result}
+    return {k: result[k] for k in keys if result.get(k) is not None}  # an unknown stderr is not logged
 
 
 def train(cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None) -> dict:
