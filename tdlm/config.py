@@ -41,7 +41,9 @@ class RecipeError(TdlmError, ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    """A recipe section: unknown keys are errors, and so are NaN and infinite floats."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class RunSection(Section):
@@ -88,6 +90,21 @@ class TrainingConfig(Section):
     """Default: every eval."""
     log_every: int = Field(10, ge=1)
     """Steps between host syncs: loss logging, NaN check, progress bar."""
+
+    @model_validator(mode="after")
+    def _warmup_within_the_run(self):
+        if self.max_steps is not None:
+            check_warmup(self.warmup_steps, self.max_steps)
+        return self
+
+
+def check_warmup(warmup_steps: int, total_steps: int) -> None:
+    """A ValueError when the learning-rate warm-up does not end before the run does (it would
+    train the whole run at a fraction of training.lr)."""
+    if warmup_steps >= total_steps:
+        raise ValueError(f"training.warmup_steps = {warmup_steps} is not shorter than the run's {total_steps} steps "
+                         "(training.max_steps, or training.epochs): the run would end before the learning rate "
+                         "reaches training.lr; lower training.warmup_steps (e.g. --set training.warmup_steps=0)")
 
 
 class EvalConfig(Section):
@@ -191,6 +208,8 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
             hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
             message = f"unknown key {key!r}"
             message += f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})" if known else ""
+        elif error["type"] == "value_error" and isinstance(error.get("input"), dict):  # a whole section's check
+            message = str(error["ctx"]["error"])  # names its keys itself
         else:
             message = f"{key}: {error['msg']} (got {error.get('input')!r})"
         problems.append(message)

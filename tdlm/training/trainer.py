@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tdlm.training import checkpointer as ckpt
-from tdlm.config import RecipeError, RunConfig, resolved_dict, to_toml
+from tdlm.config import RecipeError, RunConfig, check_warmup, resolved_dict, to_toml
 from tdlm.data import load_corpus, train_stream
 from tdlm.training.distributed import StopAgreement, device_name, from_main, make_accelerator, unwrap
 from tdlm.data.manifest import ShardError
@@ -69,6 +69,10 @@ class Trainer:
                                    rank=acc.process_index, world_size=acc.num_processes)
         self.tokens_per_step = self.tc.batch_size * cfg.data.seq_len
         self.total_steps = self.tc.max_steps or math.ceil(self.tc.epochs * self.stream.batches_per_epoch)
+        try:  # epochs: the length is known only now that the data is
+            check_warmup(self.tc.warmup_steps, self.total_steps)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
         self.train_step = TrainStep(self.built.model, self.tc, acc, seed=cfg.run.seed, total_steps=self.total_steps)
         self.model, self.optimizer, self.deepspeed = self.train_step.model, self.train_step.optimizer, self.train_step.deepspeed
         self.evaluator = Evaluator(cfg, self.corpus, acc, total_steps=self.total_steps,
