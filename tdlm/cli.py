@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -105,9 +106,10 @@ def run(recipe, overrides, unset, resume, stop_at, check):
     if os.environ.get("RANK", "0") != "0":  # one report per run, from the main process
         return
     if summary["status"] != "finished":
+        command = ["tdlm", "run", recipe, "--resume", *(a for o in overrides for a in ("--set", o)),
+                   *(a for key in unset for a in ("--unset", key))]
         click.echo(f"stopped at step {summary['step']} of {summary['total_steps']}; continue with: "
-                   f"tdlm run {recipe} --resume" + "".join(f" --set {o}" for o in overrides)
-                   + "".join(f" --unset {key}" for key in unset))
+                   + " ".join(shlex.quote(str(word)) for word in command))  # pasted into a shell as it is
         return
     click.echo(f"\n{cfg.run.name}: {summary['step']} steps, {summary['tokens_seen']:,} tokens, "
                f"{summary['wall_time_s']:.0f} s on {summary['device']} (scored: {summary['checkpoint']})")

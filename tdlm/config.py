@@ -274,7 +274,7 @@ def read_toml(path: Path, error: type[Exception], missing: str) -> dict:
     if b"\x00" in raw:
         raise error(f"{path} looks binary (it holds NUL bytes), not a TOML text file")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # an editor's byte-order mark is not TOML: dropped
     except UnicodeDecodeError as exc:
         raise error(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); TOML files are UTF-8: convert it, "
                     "e.g. iconv -f latin1 -t utf-8") from exc

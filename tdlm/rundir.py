@@ -146,6 +146,11 @@ class RunLock:
         os.close(self.fd)  # closing the descriptor drops the flock
         self.fd = None
 
+    def removed(self) -> bool:
+        """Whether the lock file was deleted while held: the run directory was removed (rm -rf)
+        under the process, and whatever it writes now would land in a new, partial directory."""
+        return self.fd is not None and os.fstat(self.fd).st_nlink == 0
+
     def __del__(self):
         self.release()
 
@@ -178,11 +183,15 @@ def claim_run_dir(run_dir: Path, *, resume: bool, echo=print) -> RunLock:
     lock = RunLock(run_dir)
     try:
         status = run_status(run_dir)
-        if resume and not (run_dir / "checkpoints" / "last.json").exists():
+        last = run_dir / "checkpoints" / "last.json"
+        if status == "finished" and not last.exists():  # neither a resume nor a new start can use it
+            raise RunError(f"run directory {run_dir} holds a finished run whose checkpoints were deleted ({last} "
+                           "is missing): it cannot be continued, and it is not overwritten; start a new run "
+                           "under another name (--set run.name=<new name>)")
+        if resume and not last.exists():
             why = ("it stopped before its first checkpoint; start it again without --resume (the old files go "
                    "to .aborted/)" if status == "aborted" else "start it without --resume")
-            raise RunError(f"--resume: no checkpoint to resume in {run_dir} "
-                           f"(looked for {run_dir / 'checkpoints' / 'last.json'}); {why}")
+            raise RunError(f"--resume: no checkpoint to resume in {run_dir} (looked for {last}); {why}")
         if not resume and status in ("finished", "stopped"):
             raise RunError(f"run directory {run_dir} already holds a run; continue it with --resume, "
                            "or start a new one with --set run.name=<new name> (nothing was overwritten)")

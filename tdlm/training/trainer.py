@@ -209,7 +209,16 @@ class Trainer:
         return ahead[1] if ahead is not None and ahead[0] == self.step else self.stream.get(self.step)
 
     # -- what the loop calls -----------------------------------------------------------------
+    def check_run_dir(self) -> None:
+        """A RunError on every process when the run directory was removed while training (checked
+        before each write: logs and checkpoints would otherwise go into a half-made new one)."""
+        removed = self.lock.removed() if self.lock is not None else None
+        if from_main(self.accelerator, removed):
+            raise RunError(f"run directory {self.run_dir} was removed while training; nothing more can be saved "
+                           "(start the run again)")
+
     def log_train(self, loss: torch.Tensor, tokens_per_s: float, bar) -> None:
+        self.check_run_dir()
         loss = self.accelerator.reduce(loss, reduction="mean").item()  # the host sync of a window
         if not math.isfinite(loss):
             raise self.checkpointer.diverged(f"training loss became {loss} by step {self.step}")
@@ -257,6 +266,7 @@ class Trainer:
     def save(self) -> None:
         """A full-weights checkpoint any single process can load (`tdlm eval`, `tdlm sample`), plus
         what resuming needs (the checkpointer writes it)."""
+        self.check_run_dir()
         acc, window = self.accelerator, None
         if self.window_steps:  # stopped between log steps: the next session logs this window
             window = {"steps": self.window_steps, "seconds": self.window_seconds,
