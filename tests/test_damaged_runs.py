@@ -158,3 +158,97 @@ metric_list:
 """)
     one_line_error(invoke("lm-eval", trained_pair["ar"], "--tasks", "tdlm_missing_data", "--include-path", tmp_path,
                           "--device", "cpu"), "a task's data cannot be found", "nothere.jsonl", "data_files")
+
+
+# -- every command fed a damaged run directory ---------------------------------------------------------
+BINARY = bytes(range(256)) * 4
+
+
+def _write(relative: str, raw: bytes | None):
+    """A damage: `relative` (a path in the run dir) replaced by `raw`, or deleted (None)."""
+    def damage(run_dir: Path) -> Path:
+        path = run_dir / relative
+        if raw is None:
+            path.unlink()
+        else:
+            path.write_bytes(raw)
+        return run_dir
+    return damage
+
+
+def _both_configs(run_dir: Path) -> Path:
+    (run_dir / "config.json").write_bytes(BINARY)
+    (run_dir / "config.toml").write_bytes(b"")
+    return run_dir
+
+
+def _other_size(run_dir: Path) -> Path:
+    for step in (4, 8):
+        put_other_size(run_dir, step)
+    return run_dir
+
+
+def _dangling(run_dir: Path) -> Path:
+    shutil.rmtree(run_dir)
+    run_dir.symlink_to(run_dir.parent / "nowhere")
+    return run_dir
+
+
+def _a_file(run_dir: Path) -> Path:
+    shutil.rmtree(run_dir)
+    run_dir.write_text("not a run\n")
+    return run_dir
+
+
+DAMAGES = {
+    **{f"{name}-{kind}": _write(name, raw)
+       for name in ("config.json", "config.toml", "summary.json", "metrics.jsonl", "data.json",
+                    "checkpoints/best.json", "checkpoints/last.json")
+       for kind, raw in (("missing", None), ("empty", b""), ("binary", BINARY))},
+    "both-configs": _both_configs,
+    "safetensors-other-size": _other_size,
+    "dangling-symlink": _dangling,
+    "a-file": _a_file,
+}
+
+
+def _commands(run_dir: Path, recipe: Path, tmp: Path) -> dict[str, list]:
+    return {
+        "eval": ["eval", run_dir, "--t-samples", 1, "--json"],
+        "sample": ["sample", run_dir, "--num", 1, "--length", 8, "--json"],
+        "gen-eval": ["gen-eval", run_dir, "--num", 2, "--length", 8, "--out", tmp / "geneval", "--json"],
+        "report": ["report", run_dir.parent, "--out", tmp / "report"],
+        "run --resume": ["run", recipe, "--resume", "--set", f'run.out_dir="{run_dir.parent}"'],
+        "sweep --dry-run": ["sweep", tmp / "sweep" / "s.toml", "--dry-run"],
+    }
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_every_command_fed_a_damaged_run_works_or_says_one_line(damage, trained_pair, tmp_path):
+    """Each command that takes a run directory either still works (exit 0) or ends in one line on
+    stderr (exit 2), whatever is damaged; never a traceback."""
+    original = trained_pair["diffusion"]
+    recipe = tmp_path / "diffusion.toml"  # the run's own recipe, kept apart from the damage
+    recipe.write_text((original / "config.toml").read_text())
+    sweep = tmp_path / "sweep"  # a sweep whose one run is the damaged one
+    sweep.mkdir()
+    (sweep / "s.toml").write_text(f'[sweep]\nname = "diffusion"\nbase = "{recipe}"\nout_dir = "{tmp_path}"\n')
+    outcomes = {}
+    for command, args in _commands(tmp_path / "diffusion" / "diffusion", recipe, tmp_path).items():
+        run_dir = tmp_path / "diffusion" / "diffusion"  # fresh for each command (a resume changes it)
+        if run_dir.is_symlink() or run_dir.is_file():
+            run_dir.unlink()
+        elif run_dir.exists():
+            shutil.rmtree(run_dir)
+        shutil.copytree(original, run_dir)
+        DAMAGES[damage](run_dir)
+        result = invoke(*args)
+        assert "Traceback" not in result.output, (command, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (command, result.exception)
+        if result.exit_code == 2:
+            one_line_error(result)
+        else:
+            assert result.exit_code == 0, (command, result.exit_code, result.output)
+        outcomes[command] = result.exit_code
+    if damage in ("config.toml-missing", "summary.json-missing", "metrics.jsonl-empty"):
+        assert outcomes["eval"] == outcomes["sample"] == 0  # damage that does not matter to them
