@@ -27,14 +27,14 @@ A run small enough for a CPU (the two quick recipes, a few minutes each to train
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-from tdlm.studies.geneval import GenEval, GenEvalError, jsonable, write_report
+from tdlm.jsontext import dumps
+from tdlm.studies.geneval import GenEval, GenEvalError, write_report
 from tdlm.studies.report import spaced_ticks
 
 THRESHOLD_TAUS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.5)
@@ -274,8 +274,7 @@ def main(argv=None) -> int:
                         f"tokens; seed {args.seed}; device {evaluator.device}", "", table, "", *targets,
                         *([""] + [f"- {n}" for n in notes] if notes else [])])
     (out / "table.md").write_text(report + "\n")
-    (out / "results.json").write_text(json.dumps(jsonable({"rows": rows, "data": data, "notes": notes,
-                                                           "targets": targets}), indent=2))
+    (out / "results.json").write_text(dumps({"rows": rows, "data": data, "notes": notes, "targets": targets}))
     if rows:
         plot(rows, data, out / "sampler_quality.png")
     print(report)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import click
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tdlm.errors import RunInterrupted, TdlmError
+from tdlm.jsontext import dumps
 
 EXIT_BAD_INPUT = 2
 
@@ -25,8 +26,10 @@ def _fail(message: str) -> None:
 
 
 class _Commands(click.Group):
-    """Every command's user errors (TdlmError) end as one line on stderr and exit code 2; a run
-    stopped at once by a signal, as one line and 128 + the signal's number (as a shell reports it)."""
+    """Every command's user errors (TdlmError) end as one line on stderr and exit code 2; so do
+    file-system errors on a path (a read-only folder, a path through a file, a full disk): the
+    user fixes them, not the code. A run stopped at once by a signal ends as one line and
+    128 + the signal's number (as a shell reports it)."""
 
     def invoke(self, ctx):
         try:
@@ -36,6 +39,17 @@ class _Commands(click.Group):
         except RunInterrupted as exc:
             click.echo(f"tdlm: {exc}", err=True)
             sys.exit(128 + exc.signum)
+        except OSError as exc:
+            if exc.filename is None:
+                raise  # not about a path the user gave: a bug to see whole
+            _fail(_file_problem(exc))
+
+
+def _file_problem(exc: OSError) -> str:
+    """An OSError on a path as one line: the path, what the system said, what to check."""
+    path = exc.filename + (f" -> {exc.filename2}" if exc.filename2 else "")
+    return (f"{path}: {exc.strerror or type(exc).__name__}; check that the path exists, is the kind of file meant "
+            "(a folder or a file), and can be written, then try again")
 
 
 def _load_recipe(recipe: str, overrides: tuple[str, ...], unset: tuple[str, ...] = ()):
@@ -73,12 +87,12 @@ def run(recipe, overrides, unset, resume, stop_at, check):
     cfg, components = _load_recipe(recipe, overrides, unset)
     if check:
         from tdlm.config import resolved_dict, to_toml
-        from tdlm.data.locate import file_in_the_way
+        from tdlm.data.locate import file_in_the_way, not_a_folder
         from tdlm.rundir import with_manifest
 
         blocker = file_in_the_way(Path(cfg.run.out_dir) / cfg.run.name)
         if blocker is not None:
-            _fail(f"run.out_dir {cfg.run.out_dir}: {blocker} is a file, not a folder; set run.out_dir to a folder")
+            _fail(f"run.out_dir {cfg.run.out_dir}: {blocker} {not_a_folder(blocker)}; set run.out_dir to a folder")
         cfg = with_manifest(cfg, warn=lambda line: click.echo(line, err=True))  # shards: their tokenizer
         from tdlm.init_from import check_before_start, with_resolved_source
 
@@ -100,9 +114,10 @@ def run(recipe, overrides, unset, resume, stop_at, check):
     if os.environ.get("RANK", "0") != "0":  # one report per run, from the main process
         return
     if summary["status"] != "finished":
+        command = ["tdlm", "run", recipe, "--resume", *(a for o in overrides for a in ("--set", o)),
+                   *(a for key in unset for a in ("--unset", key))]
         click.echo(f"stopped at step {summary['step']} of {summary['total_steps']}; continue with: "
-                   f"tdlm run {recipe} --resume" + "".join(f" --set {o}" for o in overrides)
-                   + "".join(f" --unset {key}" for key in unset))
+                   + " ".join(shlex.quote(str(word)) for word in command))  # pasted into a shell as it is
         return
     click.echo(f"\n{cfg.run.name}: {summary['step']} steps, {summary['tokens_seen']:,} tokens, "
                f"{summary['wall_time_s']:.0f} s on {summary['device']} (scored: {summary['checkpoint']})")
@@ -117,7 +132,7 @@ def run(recipe, overrides, unset, resume, stop_at, check):
 
 
 @cli.command("eval")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", type=click.Path())  # checked by load_run: one message
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
 @click.option("--text", "texts", multiple=True, metavar="FILE",
               help="Score this UTF-8 text file instead of a split (repeatable): zero-shot evaluation.")
@@ -183,7 +198,7 @@ def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, t_s
             result["source"] = source or str(origin)
         results.append(result)
     if as_json:
-        click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        click.echo(dumps(results[0] if len(results) == 1 else results))
     else:
         click.echo("\n".join(format_result(result) for result in results))
 
@@ -225,7 +240,7 @@ def _canvas_ids(vocab, *, prompt, template, length, seq_len) -> list[int]:
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", type=click.Path())  # checked by load_run: one message
 @click.option("--num", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--length", type=click.IntRange(min=1), default=None, help="Tokens per sample (default: seq_len).")
 @click.option("--prompt", default=None, help="Text the samples start with (kept fixed).")
@@ -303,10 +318,9 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
         draw_trace([f.numpy() for f in frames], vocab.mask_id, vocab.decode, trace, title=f"{name}:")
         click.echo(f"wrote {trace} ({len(frames) - 1} steps of sample 0)", err=True)
     if as_json:
-        click.echo(json.dumps({"samples": made.texts, "nfe": out.nfe, "seconds": made.seconds,
+        click.echo(dumps({"samples": made.texts, "nfe": out.nfe, "seconds": made.seconds,
                                "tokens_per_s": made.tokens_per_s, "generated_tokens": made.generated_tokens,
-                               "sampler": name, "stats": out.stats},
-                              indent=2))
+                               "sampler": name, "stats": out.stats}))
         return
     for i, text in enumerate(made.texts):
         click.echo(f"--- sample {i}\n{text}")
@@ -368,7 +382,7 @@ def sweep(sweep_file, dry_run, patterns, emit, launch_config, gpus, time_limit):
 
 
 @cli.command()
-@click.argument("runs_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("runs_dirs", nargs=-1, required=True, type=click.Path())  # checked by find_runs
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Folder for report.md, report.csv and the plots (default: the first RUNS_DIR).")
 def report(runs_dirs, out_dir):
@@ -379,7 +393,8 @@ def report(runs_dirs, out_dir):
     from tdlm.studies.report import ReportError, write_report
 
     try:
-        markdown, written = write_report([Path(d) for d in runs_dirs], Path(out_dir or runs_dirs[0]))
+        markdown, written = write_report([Path(d) for d in runs_dirs], Path(out_dir or runs_dirs[0]),
+                                         warn=lambda line: click.echo(line, err=True))
     except ReportError as exc:
         _fail(str(exc))
     click.echo(markdown)
@@ -404,7 +419,7 @@ def plugins(name, as_json):
     rows = [{"kind": c.kind, "name": c.name, "plugin": c.plugin, "package": c.package, "version": c.version,
              "options": sorted(c.config_cls.model_fields)} for c in registry.all()]
     if as_json:
-        click.echo(json.dumps({"components": rows, "failed": registry.failed}, indent=2))
+        click.echo(dumps({"components": rows, "failed": registry.failed}))
         return
     for kind in KINDS:
         click.echo(f"{kind}s:")
@@ -431,7 +446,7 @@ def _show_component(registry, name: str, as_json: bool) -> None:
     shown = [{"kind": c.kind, "name": c.name, "package": c.package, "version": c.version, "plugin": c.plugin,
               "doc": (c.cls.__doc__ or "").strip(), "options": describe_options(c.config_cls)} for c in found]
     if as_json:
-        click.echo(json.dumps(shown, indent=2, default=str))
+        click.echo(dumps(shown, default=str))
         return
     for entry in shown:
         click.echo(f"{entry['kind']} {entry['name']} ({entry['package']} {entry['version']}, {entry['plugin']})")
@@ -478,16 +493,16 @@ def bench(as_json, device, recipe, suite, **settings):
         for key in ("vocab", "d_model", "n_layers", "n_heads", "batch", "seq_len", "objective"):
             settings.pop(key)
         results = benchmark.suite(**settings)
-        click.echo(json.dumps(results, indent=2) if as_json else benchmark.format_suite(results))
+        click.echo(dumps(results) if as_json else benchmark.format_suite(results))
         return
     if recipe:
         settings.update(benchmark.recipe_settings(recipe))
     result = benchmark.measure(**settings)
-    click.echo(json.dumps(result, indent=2) if as_json else benchmark.format_result(result))
+    click.echo(dumps(result) if as_json else benchmark.format_result(result))
 
 
 @cli.command("gen-eval")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", type=click.Path())  # checked by load_run: one message
 @click.option("--sampler", default=None, help="Sampler name (default: the recipe's).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Sampler option, e.g. --option steps=64 (repeatable).")
@@ -512,7 +527,7 @@ def gen_eval(run_dir, sampler, options, reference, which, device, out_dir, as_js
 
     from tdlm.config import RecipeError
     from tdlm.data import DataNotFoundError
-    from tdlm.studies.geneval import GenEval, GenEvalError, format_report, jsonable, write_report
+    from tdlm.studies.geneval import GenEval, GenEvalError, format_report, write_report
     from tdlm.registry import PluginError
 
     parsed = _sampler_options(options)
@@ -524,7 +539,7 @@ def gen_eval(run_dir, sampler, options, reference, which, device, out_dir, as_js
         _fail(str(exc))
     json_path, png_path = write_report(result, Path(out_dir) if out_dir else Path(run_dir) / "geneval")
     if as_json:
-        click.echo(json.dumps(jsonable({**result, "json": str(json_path), "png": str(png_path)}), indent=2))
+        click.echo(dumps({**result, "json": str(json_path), "png": str(png_path)}))
         return
     click.echo(format_report(result))
     click.echo(f"  sample 0: {result['samples'][0][:200]!r}")

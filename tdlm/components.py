@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from tdlm.errors import TdlmError
 from tdlm.head import Denoised
 
 Denoiser = Callable[[Tensor], Denoised]  # x_t [B, N] -> the prediction mu(. | x_t), see Denoised
@@ -47,9 +48,10 @@ def implements(cls: type, name: str) -> bool:
 
 
 class ComponentConfig(BaseModel):
-    """Base for every component's Config: unknown keys are errors."""
+    """Base for every component's Config: unknown keys are errors, and so are NaN and infinite
+    floats (a temperature of inf or nan would sample noise, or nothing, without a word)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -87,11 +89,42 @@ def build_component(cls: type, config: ComponentConfig, *, context: RunContext |
     except (TypeError, ValueError):
         parameters = ()
     takes = any(p.name == "context" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    if isinstance(cls, type) and issubclass(cls, Sampler) and context is not None:
+        check_steps(config, context.seq_len)  # before __init__: some precompute a table per step
     if takes:
         return cls(config, **parts, context=context)
     component = cls(config, **parts)
     component.context = context
     return component
+
+
+class SamplerOptionError(TdlmError, ValueError):
+    """A sampler option that cannot finish: more steps than any use for the canvas."""
+
+
+STEPS_PER_POSITION = 1024
+"""A sampler's step counts are bounded by the canvas: at most one step per position can change it
+(each masked position is filled once), and a finer time grid than this many steps per position
+only makes the loop longer (steps = 10**9 would run for days and its grid alone take 8 GB)."""
+
+
+def check_steps(config, length: int) -> None:
+    """SamplerOptionError when an option of `config` (a sampler's Config) named `steps` or
+    `*_steps`, nested options included, is more than STEPS_PER_POSITION x `length` (the canvas
+    length, or the sequence length it cannot exceed)."""
+    limit = STEPS_PER_POSITION * max(length, 1)
+
+    def walk(options: dict, prefix: str) -> None:
+        for key, value in options.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif (key == "steps" or key.endswith("_steps")) and isinstance(value, int) and value > limit:
+                raise SamplerOptionError(
+                    f"sampler option {prefix}{key} = {value:,} is more than {STEPS_PER_POSITION:,} steps per position "
+                    f"of a {length}-token canvas: at most {length} steps can change it and the rest would only make "
+                    f"sampling run for hours; give {prefix}{key} <= {limit:,}")
+
+    walk(config.model_dump(), "")
 
 
 class Schedule:

@@ -41,7 +41,9 @@ class RecipeError(TdlmError, ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    """A recipe section: unknown keys are errors, and so are NaN and infinite floats."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class RunSection(Section):
@@ -100,6 +102,21 @@ class TrainingConfig(Section):
     this, each position attends to the ones before it and to each later one with probability
     s / attention_anneal_steps (causal at step 0); full attention after. 0: full from the start.
     Evaluation and sampling always use full attention."""
+
+    @model_validator(mode="after")
+    def _warmup_within_the_run(self):
+        if self.max_steps is not None:
+            check_warmup(self.warmup_steps, self.max_steps)
+        return self
+
+
+def check_warmup(warmup_steps: int, total_steps: int) -> None:
+    """A ValueError when the learning-rate warm-up does not end before the run does (it would
+    train the whole run at a fraction of training.lr)."""
+    if warmup_steps >= total_steps:
+        raise ValueError(f"training.warmup_steps = {warmup_steps} is not shorter than the run's {total_steps} steps "
+                         "(training.max_steps, or training.epochs): the run would end before the learning rate "
+                         "reaches training.lr; lower training.warmup_steps (e.g. --set training.warmup_steps=0)")
 
 
 class EvalConfig(Section):
@@ -203,6 +220,8 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
             hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
             message = f"unknown key {key!r}"
             message += f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})" if known else ""
+        elif error["type"] == "value_error" and isinstance(error.get("input"), dict):  # a whole section's check
+            message = str(error["ctx"]["error"])  # names its keys itself
         else:
             message = f"{key}: {error['msg']} (got {error.get('input')!r})"
         problems.append(message)
@@ -267,7 +286,7 @@ def read_toml(path: Path, error: type[Exception], missing: str) -> dict:
     if b"\x00" in raw:
         raise error(f"{path} looks binary (it holds NUL bytes), not a TOML text file")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # an editor's byte-order mark is not TOML: dropped
     except UnicodeDecodeError as exc:
         raise error(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); TOML files are UTF-8: convert it, "
                     "e.g. iconv -f latin1 -t utf-8") from exc

@@ -13,7 +13,9 @@ included):
     ppl           = exp(nll_per_token), 95% interval exp(nll_per_token -/+ 1.96 stderr)
 
 `stderr` is that of a ratio estimator over sequences (the delta method), so it covers both the
-spread of the data and the Monte Carlo noise of the diffusion bound; `mc_stderr` is the Monte
+spread of the data and the Monte Carlo noise of the diffusion bound. It needs n >= 2: with one
+sequence there is no spread to measure, so `stderr` and `ppl_ci95` are None (null in JSON) and the
+printed figure says why, never a 0 that would look certain. `mc_stderr` is the Monte
 Carlo part alone, Var_MC(L_i) being the objective's estimate of the variance of L_i (the
 variance of the K t samples over K). A perplexity too large for a float is inf.
 """
@@ -129,7 +131,8 @@ def evaluate(
     nll = totals.sum().item() / tokens
     n = len(totals)
     residuals = totals - nll * counts
-    stderr = math.sqrt((residuals**2).sum().item() * n / max(n - 1, 1)) / tokens
+    # the spread between sequences measures the error; one sequence has none to measure: unknown, not 0
+    stderr = math.sqrt((residuals**2).sum().item() * n / (n - 1)) / tokens if n >= 2 else None
     result = {
         "objective": type(objective).__name__,
         "split": split,
@@ -139,7 +142,7 @@ def evaluate(
         "nll_per_token": nll,
         "stderr": stderr,
         "ppl": _exp(nll),
-        "ppl_ci95": [_exp(nll - 1.96 * stderr), _exp(nll + 1.96 * stderr)],
+        "ppl_ci95": None if stderr is None else [_exp(nll - 1.96 * stderr), _exp(nll + 1.96 * stderr)],
         "bits_per_byte": totals.sum().item() / (LN2 * scored_bytes),
         "is_bound": is_bound,
     }
@@ -168,12 +171,17 @@ def evaluate(
 def format_result(result: dict) -> str:
     """A short human-readable summary of `evaluate`'s result."""
     kind = "NELBO (bound)" if result["is_bound"] else "NLL (exact)"
+    known = result["stderr"] is not None
     lines = [
-        f"{result['split']}: {kind} {result['nll_per_token']:.4f} ± {result['stderr']:.4f} nats/token"
+        f"{result['split']}: {kind} {result['nll_per_token']:.4f}"
+        + (f" ± {result['stderr']:.4f}" if known else " ± ?") + " nats/token"
         f" | ppl{' <=' if result['is_bound'] else ''} {result['ppl']:.2f}"
-        f" (95% CI {result['ppl_ci95'][0]:.2f}-{result['ppl_ci95'][1]:.2f})"
-        f" | {result['bits_per_byte']:.4f} bits/byte | {result['tokens']:,} tokens"
+        + (f" (95% CI {result['ppl_ci95'][0]:.2f}-{result['ppl_ci95'][1]:.2f})" if known else "")
+        + f" | {result['bits_per_byte']:.4f} bits/byte | {result['tokens']:,} tokens"
     ]
+    if not known:
+        lines.append(f"  stderr unknown: {result['sequences']} sequence(s) scored, and the error of the data is "
+                     "measured from the spread between sequences (score more text for an interval)")
     if "mc_stderr" in result:
         drawn = f" ({result['estimator']} t)" if "estimator" in result else ""
         lines.append(f"  {result['t_samples']} t-samples/sequence{drawn}, Monte Carlo stderr {result['mc_stderr']:.4f}")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tdlm.components import Objective, RunContext, Sampler, VocabInfo, build_component
-from tdlm.config import RunConfig
+from tdlm.config import RecipeError, RunConfig
 from tdlm.model import Transformer
 
 
@@ -44,7 +44,44 @@ def build_model(cfg: RunConfig, components: dict, vocab: VocabInfo) -> Built:
     schedule = schedule_c.cls(schedule_opts)
     corruption = build_component(corruption_c.cls, corruption_opts, schedule=schedule, vocab=vocab, context=context)
     objective = build_component(objective_c.cls, objective_opts, corruption=corruption, vocab=vocab, context=context)
-    net = Transformer(cfg.model, vocab_size=vocab.size, max_len=cfg.data.seq_len, causal=objective.causal,
-                      bos_id=vocab.bos_id)
+    net = _build_net(cfg, vocab, objective.causal)
     sampler = build_component(sampler_c.cls, sampler_opts, objective=objective, vocab=vocab, context=context)
     return Built(LanguageModel(net, objective), sampler, vocab)
+
+
+def _build_net(cfg: RunConfig, vocab: VocabInfo, causal: bool) -> Transformer:
+    """The network; a RecipeError, before any memory is taken, when its weights alone would not
+    fit in the memory free now (a typo such as model.d_model=100000 must not hang or crash the
+    machine), and when allocating them fails all the same."""
+    def make():
+        return Transformer(cfg.model, vocab_size=vocab.size, max_len=cfg.data.seq_len, causal=causal,
+                           bos_id=vocab.bos_id)
+
+    with torch.device("meta"):  # shapes only: no memory
+        parameters = make().num_parameters()
+    needed, free = parameters * torch.get_default_dtype().itemsize, memory_available()
+    shape = (f"model.d_model = {cfg.model.d_model}, model.n_layers = {cfg.model.n_layers}, "
+             f"vocabulary {vocab.size:,}")
+    if free is not None and needed > free:
+        raise RecipeError(f"the model has {parameters:,} parameters ({shape}): its weights alone take "
+                          f"{needed / 2**30:,.1f} GiB and this machine has {free / 2**30:,.1f} GiB free; "
+                          "make it smaller (model.d_model, model.n_layers)")
+    try:
+        return make()
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "alloc" not in str(exc) and "memory" not in str(exc):
+            raise
+        raise RecipeError(f"the model has {parameters:,} parameters ({shape}) and its weights could not be "
+                          "allocated (out of memory); make it smaller (model.d_model, model.n_layers)") from None
+
+
+def memory_available() -> int | None:
+    """Bytes of memory free for a new allocation now (Linux's MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

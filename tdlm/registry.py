@@ -8,9 +8,11 @@ at import time, so every test and every command gets a fresh one.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.metadata
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -123,52 +125,60 @@ def get_plugin_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
         pm.register(importlib.import_module(module_name), name=module_name)
     pm.failed_plugins = {}
     if entry_points:
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if pm.get_plugin(ep.name) is not None:
-                dist = ep.dist.name if ep.dist else "?"
-                pm.failed_plugins[f"{ep.name} ({dist})"] = f"entry-point name {ep.name!r} is taken by another plugin"
-                warnings.warn(
-                    f"tdlm plugin {ep.name!r} of package {dist} was skipped: another plugin already uses "
-                    f"that entry-point name. Uninstall one of the two packages.",
-                    stacklevel=2,
-                )
-                continue
-            dist = ep.dist.name if ep.dist else "?"
-            try:
-                module = ep.load()
-                problem = plugin_api_problem(getattr(module, "TDLM_PLUGIN_API", None))
-                if problem is None:
-                    pm.register(module, name=ep.name)
-            except Exception as exc:  # noqa: BLE001 - any import error of a foreign package
-                error = f"{type(exc).__name__}: {exc}"
-                pm.failed_plugins[ep.name] = error
-                warnings.warn(
-                    f"tdlm plugin {ep.name!r} (package {dist}) failed to load and was skipped: "
-                    f"{error}. Fix or uninstall that package (`pip uninstall {dist}`).",
-                    stacklevel=2,
-                )
-                continue
-            if problem is not None:
-                pm.failed_plugins[ep.name] = problem
-                warnings.warn(f"tdlm plugin {ep.name!r} (package {dist}) was skipped: {problem}. Install a version "
-                              f"of {dist} written for this tdlm, or uninstall it (`pip uninstall {dist}`).",
-                              stacklevel=2)
-                continue
-            pm.plugin_distinfo = getattr(pm, "plugin_distinfo", {})
-            pm.plugin_distinfo[ep.name] = ep.dist
-            unknown = _unknown_hooks(pm, ep.name)
-            if unknown:
-                error = (f"implements {', '.join(unknown)}, which tdlm does not know (hooks tdlm knows: "
-                         f"{', '.join(_HOOK_OF_KIND.values())})")
-                pm.unregister(name=ep.name)
-                pm.failed_plugins[ep.name] = error
-                warnings.warn(f"tdlm plugin {ep.name!r} (package {dist}) was skipped: it {error}. Fix the hook's "
-                              f"name in that package, or uninstall it (`pip uninstall {dist}`).", stacklevel=2)
+        with contextlib.redirect_stdout(sys.stderr):  # a plugin's print at import must not enter --json output
+            _load_entry_points(pm)
     try:
         pm.check_pending()  # a misspelt hook function is an error, not silence
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"{exc} (hooks tdlm knows: {', '.join(_HOOK_OF_KIND.values())})") from exc
     return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register every installed third-party plugin that loads; warn about and skip the others."""
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if pm.get_plugin(ep.name) is not None:
+            dist = ep.dist.name if ep.dist else "?"
+            pm.failed_plugins[f"{ep.name} ({dist})"] = f"entry-point name {ep.name!r} is taken by another plugin"
+            warnings.warn(
+                f"tdlm plugin {ep.name!r} of package {dist} was skipped: another plugin already uses "
+                f"that entry-point name. Uninstall one of the two packages.",
+                stacklevel=3,
+            )
+            continue
+        dist = ep.dist.name if ep.dist else "?"
+        try:
+            module = ep.load()
+            problem = plugin_api_problem(getattr(module, "TDLM_PLUGIN_API", None))
+            if problem is None:
+                pm.register(module, name=ep.name)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - anything a foreign package does at import, sys.exit too
+            error = f"{type(exc).__name__}: {exc}"
+            pm.failed_plugins[ep.name] = error
+            warnings.warn(
+                f"tdlm plugin {ep.name!r} (package {dist}) failed to load and was skipped: "
+                f"{error}. Fix or uninstall that package (`pip uninstall {dist}`).",
+                stacklevel=3,
+            )
+            continue
+        if problem is not None:
+            pm.failed_plugins[ep.name] = problem
+            warnings.warn(f"tdlm plugin {ep.name!r} (package {dist}) was skipped: {problem}. Install a version "
+                          f"of {dist} written for this tdlm, or uninstall it (`pip uninstall {dist}`).",
+                          stacklevel=3)
+            continue
+        pm.plugin_distinfo = getattr(pm, "plugin_distinfo", {})
+        pm.plugin_distinfo[ep.name] = ep.dist
+        unknown = _unknown_hooks(pm, ep.name)
+        if unknown:
+            error = (f"implements {', '.join(unknown)}, which tdlm does not know (hooks tdlm knows: "
+                     f"{', '.join(_HOOK_OF_KIND.values())})")
+            pm.unregister(name=ep.name)
+            pm.failed_plugins[ep.name] = error
+            warnings.warn(f"tdlm plugin {ep.name!r} (package {dist}) was skipped: it {error}. Fix the hook's "
+                          f"name in that package, or uninstall it (`pip uninstall {dist}`).", stacklevel=2)
 
 
 def plugin_api_problem(required) -> str | None:
@@ -230,10 +240,11 @@ def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
                 registry.add(Component(_kind, name, cls, _impl.plugin_name, _pkg, _ver))
 
             try:
-                impl.function(register=register)
-            except PluginError:
+                with contextlib.redirect_stdout(sys.stderr):  # stdout is the command's (--json)
+                    impl.function(register=register)
+            except (PluginError, KeyboardInterrupt):
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001 - a hook's sys.exit too: one line, not a silent exit
                 raise PluginError(
                     f"plugin {impl.plugin_name!r} ({package}) failed in {hook_name}: "
                     f"{type(exc).__name__}: {exc}"

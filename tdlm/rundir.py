@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from tdlm.components import VocabInfo
 from tdlm.config import (RecipeError, RunConfig, apply_overrides, flatten_table, format_validation_error, read_recipe,
                          resolve_components, resolved_dict, to_toml)
-from tdlm.data.locate import file_in_the_way
+from tdlm.data.locate import file_in_the_way, not_a_folder
 from tdlm.errors import RunError
 from tdlm.files import remove_temporaries, write_atomically
 
@@ -98,9 +98,10 @@ def run_status(run_dir: Path) -> str:
     """The state of a run directory: one of STATUSES."""
     run_dir = Path(run_dir)
     try:
-        if json.loads((run_dir / "summary.json").read_text()).get("status") == "finished":
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        if isinstance(summary, dict) and summary.get("status") == "finished":
             return "finished"
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # absent, or damaged (not JSON, not UTF-8): not a finished run's
         pass
     if (run_dir / "checkpoints" / "last.json").exists():
         return "stopped"
@@ -117,7 +118,7 @@ class RunLock:
         self.fd, self.run_dir = None, Path(run_dir)
         blocker = file_in_the_way(self.run_dir)
         if blocker is not None:
-            raise RunError(f"cannot make the run directory {self.run_dir}: {blocker} is a file, not a folder; "
+            raise RunError(f"cannot make the run directory {self.run_dir}: {blocker} {not_a_folder(blocker)}; "
                            "set run.out_dir (or run.name) to a folder")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -143,6 +144,11 @@ class RunLock:
             self.run_dir.rmdir()
         os.close(self.fd)  # closing the descriptor drops the flock
         self.fd = None
+
+    def removed(self) -> bool:
+        """Whether the lock file was deleted while held: the run directory was removed (rm -rf)
+        under the process, and whatever it writes now would land in a new, partial directory."""
+        return self.fd is not None and os.fstat(self.fd).st_nlink == 0
 
     def __del__(self):
         self.release()
@@ -186,11 +192,15 @@ def claim_run_dir(run_dir: Path, *, resume: bool, echo=print) -> RunLock:
     try:
         discard_leftovers(run_dir)
         status = run_status(run_dir)
-        if resume and not (run_dir / "checkpoints" / "last.json").exists():
+        last = run_dir / "checkpoints" / "last.json"
+        if status == "finished" and not last.exists():  # neither a resume nor a new start can use it
+            raise RunError(f"run directory {run_dir} holds a finished run whose checkpoints were deleted ({last} "
+                           "is missing): it cannot be continued, and it is not overwritten; start a new run "
+                           "under another name (--set run.name=<new name>)")
+        if resume and not last.exists():
             why = ("it stopped before its first checkpoint; start it again without --resume (the old files go "
                    "to .aborted/)" if status == "aborted" else "start it without --resume")
-            raise RunError(f"--resume: no checkpoint to resume in {run_dir} "
-                           f"(looked for {run_dir / 'checkpoints' / 'last.json'}); {why}")
+            raise RunError(f"--resume: no checkpoint to resume in {run_dir} (looked for {last}); {why}")
         if not resume and status in ("finished", "stopped"):
             raise RunError(f"run directory {run_dir} already holds a run; continue it with --resume, "
                            "or start a new one with --set run.name=<new name> (nothing was overwritten)")
@@ -296,6 +306,9 @@ def read_run_config(run_dir: Path) -> RunConfig:
     """The run's resolved config from config.json; if that file is damaged, from its copy
     config.toml (written beside it at the same moments), with a warning."""
     path = Path(run_dir) / "config.json"
+    if not Path(run_dir).is_dir():
+        raise RecipeError(f"{run_dir} {not_a_folder(run_dir)}: it is not a tdlm run directory (runs live under "
+                          "runs/<name>)")
     if not path.exists():
         raise RecipeError(f"{run_dir} is not a tdlm run directory (no config.json); runs live under runs/<name>")
     try:
@@ -408,8 +421,10 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
     else:
         path, weights = ckpt.read_checkpoint(run_dir, which, ckpt.read_weights)  # safe against a save in progress
     left_out, kept_initial = [], []
+    # the network must be the run's, whole; the components' state only where they still have it
+    ckpt.check_fits(path / "model.safetensors", weights, built.model.state_dict(),
+                    must_match=lambda key: not overrides or key.startswith("net."))
     if overrides:
-        # the network is the run's, whole (strict); the components' state only where they still have it
         own = built.model.state_dict()
         left_out = sorted(k for k in weights if k not in own and not k.startswith("net."))
         kept_initial = sorted(k for k in own if k not in weights and not k.startswith("net."))

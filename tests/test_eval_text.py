@@ -69,3 +69,40 @@ def test_unusable_files_are_one_line_errors(trained, tmp_path, content, message)
 def test_unknown_data_source_is_one_line(trained, tmp_path):
     result = evaluate(trained[0], "--data", tmp_path / "nowhere")
     assert result.exit_code == 2 and "test.txt" in result.output
+
+
+def strict_json(text: str):
+    """JSON as a strict parser reads it: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_one_sequence_has_no_stderr_and_its_json_is_strict(trained, tmp_path):
+    """A single line is one sequence: no spread between sequences, so the data error is unknown
+    (null), not 0.0 beside a Monte Carlo stderr that is not."""
+    path = tmp_path / "one_line.txt"
+    path.write_text("the cat likes the ball .\n")
+    result = evaluate(trained[0], "--text", path, "--t-samples", 64)
+    assert result.exit_code == 0, result.output
+    scored = strict_json(result.stdout)
+    assert scored["sequences"] == 1 and scored["stderr"] is None and scored["ppl_ci95"] is None
+    assert scored["mc_stderr"] > 0
+    printed = CliRunner().invoke(cli, ["eval", str(trained[0]), "--text", str(path)])
+    assert "stderr unknown: 1 sequence(s)" in printed.stdout and "± ?" in printed.stdout
+
+
+def test_json_output_never_holds_nan_or_infinity(trained, tmp_path, monkeypatch):
+    import tdlm.evaluate
+
+    real = tdlm.evaluate.evaluate
+
+    def diverged(*args, **kwargs):
+        return {**real(*args, **kwargs), "ppl": float("inf"), "bits_per_byte": float("nan")}
+
+    monkeypatch.setattr(tdlm.evaluate, "evaluate", diverged)
+    result = evaluate(trained[0], "--t-samples", 1)
+    assert result.exit_code == 0, result.output
+    scored = strict_json(result.stdout)
+    assert scored["ppl"] is None and scored["bits_per_byte"] is None

@@ -121,6 +121,18 @@ def test_perplexity_and_its_interval_follow_from_the_nll_and_stderr():
     assert "ppl" in format_result(result) and "± " in format_result(result)
 
 
+def test_one_sequence_has_an_unknown_stderr_never_a_certain_looking_0():
+    """The data error is measured from the spread between sequences: one sequence has none."""
+    sequences, _, _ = packed()
+    result = run_evaluate(known_model(), sequences[:1], None)
+    assert result["sequences"] == 1 and result["stderr"] is None and result["ppl_ci95"] is None
+    assert result["mc_stderr"] > 0  # the Monte Carlo part alone is still known
+    text = format_result(result)
+    assert "± ?" in text and "stderr unknown: 1 sequence(s) scored" in text and "95% CI" not in text
+    two = run_evaluate(known_model(), sequences[:2], None)
+    assert two["stderr"] > 0 and len(two["ppl_ci95"]) == 2
+
+
 def test_an_overflowing_perplexity_is_inf_not_an_error():
     sequences, tail, _ = packed()
     result = run_evaluate(known_model(per_token=1000.0), sequences, tail)

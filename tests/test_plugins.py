@@ -373,3 +373,42 @@ def test_broken_plugin_is_skipped_with_a_warning(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     failed = json.loads(result.stdout)["failed"]
     assert list(failed) == ["broken"] and "a_module_that_does_not_exist" in failed["broken"]
+
+
+@pytest.mark.parametrize("source, said", [
+    ("import sys\nsys.exit(3)\n", "SystemExit: 3"),
+    ("raise KeyError('at import')\n", "KeyError"),
+])
+def test_a_plugin_that_exits_at_import_is_skipped_not_obeyed(tmp_path, monkeypatch, source, said):
+    """One broken package never takes tdlm down: not even by sys.exit while it is imported."""
+    import importlib.metadata
+
+    (tmp_path / "tdlm_exits_at_import.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tdlm_exits_at_import", raising=False)
+    entry_point = importlib.metadata.EntryPoint("exits", "tdlm_exits_at_import", "tdlm")
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [entry_point] if group == "tdlm" else [])
+    with pytest.warns(UserWarning, match=f"'exits'.*failed to load and was skipped: {said}"):
+        result = CliRunner().invoke(cli, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    listing = json.loads(result.stdout)
+    assert said in listing["failed"]["exits"] and listing["components"]
+
+
+def test_a_plugin_that_prints_at_import_or_registration_leaves_json_output_whole(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    (tmp_path / "tdlm_chatty.py").write_text(
+        "print('hello from a plugin')\n"
+        "from tdlm import hookimpl\n"
+        "@hookimpl\n"
+        "def register_samplers(register):\n"
+        "    print('registering')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tdlm_chatty", raising=False)
+    entry_point = importlib.metadata.EntryPoint("chatty", "tdlm_chatty", "tdlm")
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [entry_point] if group == "tdlm" else [])
+    result = CliRunner().invoke(cli, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["failed"] == {}
+    assert "hello from a plugin" in result.stderr and "registering" in result.stderr

@@ -86,9 +86,11 @@ def cached_tokens(
     if documents != "as-is":  # (as-is keys stay those of caches written before the rule existed)
         parts.append(documents.encode())
     key = hashlib.sha256(b"\n".join(parts))
-    cached = cache_root(cache_dir) / "tokens" / f"{path.stem}-{vocab.name}-{key.hexdigest()[:16]}.npy"
-    if cached.is_file():
-        tokens = read_cached_tokens(cached, vocab)
+    folder, entry = cache_root(cache_dir) / "tokens", f"{path.stem}-{vocab.name}-{key.hexdigest()[:16]}"
+    # <entry>-<checksum of the tokens>.npy; an entry without a checksum (older tdlm) is tokenised again
+    found = sorted(folder.glob(f"{entry}*.npy"))
+    for cached in found:
+        tokens = read_cached_tokens(cached, vocab, cached.name[len(entry) + 1 : -len(".npy")])
         if tokens is not None:
             return tokens
     lines = split_lines(utf8_text(raw, path))
@@ -96,19 +98,33 @@ def cached_tokens(
                             ends=document_ends(lines, documents))
     buffer = io.BytesIO()
     np.save(buffer, tokens)
-    write_atomically(cached, buffer.getvalue())
+    write_atomically(folder / f"{entry}-{tokens_checksum(tokens)}.npy", buffer.getvalue())
+    for old in found:
+        old.unlink(missing_ok=True)
     return tokens
 
 
-def read_cached_tokens(cached: Path, vocab: Vocab) -> np.ndarray | None:
+def tokens_checksum(tokens: np.ndarray) -> str:
+    """What a token cache entry's name ends with: a bit flipped on disk is then seen, not trusted."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()).hexdigest()[:16]
+
+
+def read_cached_tokens(cached: Path, vocab: Vocab, checksum: str) -> np.ndarray | None:
     """A token cache entry, or None (the entry deleted, with a warning) when it is damaged: not
-    a .npy file, cut short, or not a 1-D int32 array of ids of this vocabulary."""
+    a .npy file, cut short, not a 1-D int32 array of ids of this vocabulary, or with tokens whose
+    checksum is not the one in its name (`checksum`; "" for an entry of an older tdlm, which has
+    none and is tokenised again)."""
+    if not checksum:
+        cached.unlink(missing_ok=True)
+        return None
     try:
         tokens = np.load(cached, allow_pickle=False)
         if tokens.ndim != 1 or tokens.dtype != np.int32:
             raise ValueError(f"a {tokens.dtype} array of shape {tokens.shape}, not 1-D int32")
         if len(tokens) and not (0 <= int(tokens.min()) and int(tokens.max()) < vocab.size):
             raise ValueError(f"ids outside [0, {vocab.size})")
+        if tokens_checksum(tokens) != checksum:
+            raise ValueError("its tokens do not match the checksum in its name: bits changed on disk")
         return tokens
     except (OSError, ValueError, EOFError) as exc:
         warn_rebuild(cached, (str(exc).strip().splitlines() or [type(exc).__name__])[0], "tokenising again")
@@ -140,7 +156,9 @@ def text_file_tokens(path: str | Path, vocab: Vocab, *, cache_dir: str | Path | 
     model was not trained on."""
     path = Path(path)
     if not path.is_file():
-        raise TextFileError(f"{path}: no such file (give a UTF-8 text file to score)")
+        what = ("is a folder" if path.is_dir() else "is not a regular file" if path.exists()
+                else "is a symbolic link to nothing" if path.is_symlink() else ": no such file")
+        raise TextFileError(f"{path}{'' if what.startswith(':') else ' '}{what} (give a UTF-8 text file to score)")
     raw = path.read_bytes()
     if not raw.strip():
         raise TextFileError(f"{path} is empty: there is nothing to score")

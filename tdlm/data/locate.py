@@ -41,19 +41,29 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     blocker = file_in_the_way(root)
     if blocker is not None:
         where = "$TDLM_CACHE_DIR" if cache_dir is None and os.environ.get("TDLM_CACHE_DIR") else "the cache folder"
-        raise DataError(f"{where} {root} cannot be a folder: {blocker} is a file; set TDLM_CACHE_DIR to a folder "
+        raise DataError(f"{where} {root} cannot be a folder: {blocker} {not_a_folder(blocker)}; set TDLM_CACHE_DIR to a folder "
                         "(default ~/.cache/tdlm)")
     return root
 
 
 def file_in_the_way(folder: Path) -> Path | None:
-    """`folder` or the nearest existing folder above it, when that is not a folder (so `folder`
-    cannot be created); else None."""
+    """`folder` or the nearest existing folder above it, when that is not a folder (a file, or a
+    symbolic link to nothing: so `folder` cannot be created); else None."""
     path = Path(folder).expanduser().absolute()
     for candidate in (path, *path.parents):
-        if candidate.exists():
+        if candidate.exists() or candidate.is_symlink():
             return None if candidate.is_dir() else candidate
     return None
+
+
+def not_a_folder(path: Path) -> str:
+    """What `path` is, when it is not a folder: for messages such as f"{path} {not_a_folder(path)}"."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+    if not path.exists():
+        return "does not exist"
+    return "is a file, not a folder" if path.is_file() else "is not a folder"
 
 
 def data_dir_candidates(path: str | None = None) -> list[Path]:

@@ -48,6 +48,7 @@ from tdlm.data.shards import (
 )
 from tdlm.data.tokenizer import Vocab, gpt2_tokenizer, trained_bpe_vocab, vocab_from_tokenizer
 from tdlm.files import write_atomically
+from tdlm.errors import DataError
 
 HF_PREFIX = "hf:"
 HF_SPLITS = {"train": ("train",), "valid": ("validation", "valid"), "test": ("test",)}
@@ -81,16 +82,18 @@ def prepare_shards(
     out = Path(out).expanduser()
     files, source_name = split_files(source, data_dir=data_dir, cache_dir=cache_dir)
     vocab = source_vocab(tokenizer, bpe_vocab_size, files["train"], data_dir=data_dir, cache_dir=cache_dir)
-    claim_folder(out, force=force)
-
     tokenizer_json = vocab.tokenizer.to_str().encode("utf-8")
     # The same hash load_corpus keys its token cache with: prepare reuses (and fills) that cache.
     tokenizer_hash = hashlib.sha256(tokenizer_json).hexdigest()
+    split_tokens = {split: cached_tokens(path, vocab, tokenizer_hash, cache_dir=cache_dir, progress=progress,
+                                         documents=documents) for split, path in files.items()}
+    check_trainable(split_tokens, files, seq_len)  # before anything is written
+    claim_folder(out, force=force)
+
     write_atomically(out / TOKENIZER_FILE, tokenizer_json)
     splits = {}
     for split, path in files.items():
-        tokens = cached_tokens(path, vocab, tokenizer_hash, cache_dir=cache_dir, progress=progress,
-                               documents=documents)
+        tokens = split_tokens[split]
         splits[split] = write_split(out, split, tokens, seq_len, shard_size, progress=progress)
         splits[split]["bytes"] = path.stat().st_size  # the file is the split's UTF-8 text
         if split == "train":
@@ -123,6 +126,19 @@ def prepare_shards(
     }
     write_atomically(out / MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
     return manifest
+
+
+def check_trainable(split_tokens: dict, files: dict, seq_len: int) -> None:
+    """A DataError when the shards could not train or score: a train split without one whole
+    sequence of `seq_len` tokens, or a valid or test split without a token."""
+    train = len(split_tokens["train"])
+    if train < seq_len:
+        raise DataError(f"the train text ({files['train']}) is {train:,} tokens, fewer than one sequence of "
+                        f"--seq-len {seq_len}: its shards would hold 0 sequences; give a smaller --seq-len or "
+                        "more text")
+    for split in ("valid", "test"):
+        if split in split_tokens and len(split_tokens[split]) == 0:
+            raise DataError(f"the {split} text ({files[split]}) holds no tokens: give it text to score")
 
 
 def split_files(source: str, *, data_dir=None, cache_dir=None) -> tuple[dict[str, Path], str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tdlm.components import SampleOutput, Sampler
+from tdlm.components import SampleOutput, Sampler, check_steps
 from tdlm.errors import TdlmError
 from tdlm.sampling.template import cut_at_eos
 
@@ -55,6 +55,8 @@ def generate(net: nn.Module, sampler: Sampler, canvas: Tensor, generator: torch.
     `vocab`: a tokenizer vocabulary (tdlm.data.Vocab: `mask_id`, `bos_id`, `decode`).
     """
     canvas = canvas.cpu()
+    if getattr(sampler, "config", None) is not None:  # the canvas may be shorter than the model's seq_len
+        check_steps(sampler.config, canvas.shape[1])
     device = generator.device
     outputs, seconds = [], 0.0
     for rows in canvas.split(batch_size or len(canvas)):

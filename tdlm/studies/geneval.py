@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from tdlm.data import train_tokens
+from tdlm.jsontext import dumps
 from tdlm.sampling.generate import SamplerBug, generate, prompt_canvas
 from tdlm.sampling.select import options_label
 from tdlm.studies import genmetrics
@@ -217,17 +218,6 @@ def settings_hash(result: dict) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def jsonable(value):
-    """NaN and infinities become null (JSON has no such numbers)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
-
-
 def write_report(result: dict, out_dir, *, png: bool = True) -> tuple[Path, Path | None]:
     """<out_dir>/geneval-<sampler>-<id>.json and (unless png=False) .png; returns both paths."""
     out_dir = Path(out_dir)
@@ -235,7 +225,7 @@ def write_report(result: dict, out_dir, *, png: bool = True) -> tuple[Path, Path
     stem = out_dir / f"geneval-{result['sampler']}-{result['id']}"
     json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png") if png else None
     result = {**result, "json": str(json_path), "png": str(png_path) if png else None}
-    json_path.write_text(json.dumps(jsonable(result), indent=2))
+    json_path.write_text(dumps(result))
     if png:
         plot_report(result, png_path)
     return json_path, png_path

@@ -283,7 +283,14 @@ def run_tasks(run_dir, tasks: list[str], *, include_path=None, limit: int | None
     manager = task_manager(tasks, include_path)
     lm = TdlmLM(run=str(run_dir), checkpoint=which, device=device, t_samples=t_samples, seed=seed,
                 batch_size=batch_size, sampler=sampler, sampler_options=sampler_options)
-    results = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=False)
+    try:
+        results = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=False)
+    except FileNotFoundError as exc:  # a local task's data_files (datasets says which)
+        if isinstance(exc, TdlmError):
+            raise
+        where = f" in {include_path}" if include_path else ""
+        raise TdlmError(f"a task's data cannot be found ({str(exc).strip() or type(exc).__name__}): fix the "
+                        f"data_files of its task YAML{where}") from None
     results["tdlm"] = {
         "run": str(run_dir),
         "checkpoint": lm.loaded.checkpoint.name,

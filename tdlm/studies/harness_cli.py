@@ -6,13 +6,13 @@ extra) is imported only when the command runs.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import click
 
 from tdlm.errors import TdlmError
+from tdlm.jsontext import dumps
 
 INSTALL = 'pip install -e ".[lm-eval]"'
 
@@ -29,7 +29,7 @@ def import_harness():
 
 
 @click.command("lm-eval")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", type=click.Path())  # checked by load_run: one message
 @click.option("--tasks", required=True, metavar="NAMES",
               help="lm-eval task or group names, comma-separated (glob patterns allowed).")
 @click.option("--include-path", type=click.Path(file_okay=False), default=None, metavar="DIR",
@@ -68,10 +68,10 @@ def lm_eval_command(run_dir, tasks, include_path, limit, which, t_samples, seed,
     from lm_eval.utils import handle_non_serializable, make_table
 
     if output is not None:
-        Path(output).write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+        Path(output).write_text(dumps(results, default=handle_non_serializable))
     summary = {"tdlm": results["tdlm"], "results": results["results"], "n-samples": results.get("n-samples")}
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=handle_non_serializable))
+        click.echo(dumps(summary, default=handle_non_serializable))
         return
     scored = results["tdlm"]
     kind = (f"bounds: minus the NELBO, {scored['t_samples']} t-samples, seed {scored['seed']}" if scored["is_bound"]

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tdlm.data.locate import not_a_folder
+from tdlm.errors import TdlmError
 from tdlm.rundir import run_status
 from tdlm.training.monitor import read_metrics
 
@@ -132,20 +134,30 @@ class Run:
 
 
 # -- finding and reading runs ----------------------------------------------------------------
-def find_runs(roots: list[Path]) -> list[Run]:
-    runs = []
+def find_runs(roots: list[Path], warn=None) -> list[Run]:
+    """Every run under `roots`. A run whose files cannot be read is left out and named through
+    `warn(line)` (one damaged run never stops the report of the others); without `warn`, its
+    ReportError is raised."""
+    runs, skipped = [], []
     for root in roots:
         if not root.is_dir():
-            raise ReportError(f"{root} is not a folder")
+            raise ReportError(f"{root} {not_a_folder(root)}: give folders that hold runs")
         for folder, subfolders, files in os.walk(root):
             folder = Path(folder)
             if "config.json" in files:
                 subfolders.clear()  # a run's own folders (checkpoints, tensorboard) hold no runs
-                runs.append(read_run(folder, _run_name(folder, root)))
+                try:
+                    runs.append(read_run(folder, _run_name(folder, root)))
+                except ReportError as exc:
+                    if warn is None:
+                        raise
+                    warn(f"tdlm: warning: left out of the report: {exc}")
+                    skipped.append(folder)
             else:
                 subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
     if not runs:
-        raise ReportError(f"no runs (folders with a config.json) under {', '.join(map(str, roots))}")
+        found = f" ({len(skipped)} found, none readable)" if skipped else ""
+        raise ReportError(f"no runs (folders with a config.json) under {', '.join(map(str, roots))}{found}")
     names = [r.name for r in runs]
     for run in runs:  # the same name under two roots: tell them apart by their full path
         if names.count(run.name) > 1:
@@ -154,14 +166,31 @@ def find_runs(roots: list[Path]) -> list[Run]:
 
 
 def read_run(folder: Path, name: str) -> Run:
+    """A run's config, summary and metrics; ReportError naming the file that cannot be used."""
+    summary_path = folder / "summary.json"
+    config = _json_table(folder / "config.json")
+    summary = _json_table(summary_path) if summary_path.exists() else {}
+    for section, key in (("training", "batch_size"), ("data", "seq_len")):  # what every figure needs
+        if not isinstance(config.get(section), dict) or not isinstance(config[section].get(key), int):
+            raise ReportError(f"{folder / 'config.json'} lacks {section}.{key}: it is not a tdlm run's config")
     try:
-        config = json.loads((folder / "config.json").read_text())
-        summary_path = folder / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         metrics = read_metrics(folder)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{folder}: cannot read the run: {exc}") from exc
+    except (OSError, ValueError, TdlmError) as exc:
+        raise ReportError(f"{folder / 'metrics.jsonl'} cannot be read: {exc}") from None
     return Run(folder, name, config, summary, metrics)
+
+
+def _json_table(path: Path) -> dict:
+    """A JSON object from `path`, or ReportError saying why the file cannot be read."""
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ReportError(f"{path} is not UTF-8 text (a damaged or foreign file)") from None
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path} cannot be read: {exc}") from None
+    if not isinstance(table, dict):
+        raise ReportError(f"{path} is not a JSON object")
+    return table
 
 
 def _run_name(folder: Path, root: Path) -> str:
@@ -194,7 +223,8 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
                 row += ["-", "-", "-"]
                 continue
             bound = result.get("is_bound", run.is_diffusion)
-            row += [f"{result['nll_per_token']:.3f} ± {result.get('stderr', float('nan')):.3f}",
+            stderr = result.get("stderr")
+            row += [f"{result['nll_per_token']:.3f} ± " + ("?" if stderr is None else f"{stderr:.3f}"),
                     ("<= " if bound else "") + f"{result['ppl']:.1f}", f"{result.get('bits_per_byte', float('nan')):.3f}"]
         row.append(_duration(run.summary.get("wall_time_s")))
         rows.append(row)
@@ -271,10 +301,12 @@ def comparison_lines(runs: list[Run]) -> list[str]:
     for diffusion, ar, split in found:
         d, a = diffusion.final(split), ar.final(split)
         gap = a["nll_per_token"] - d["nll_per_token"]
-        se = math.hypot(d.get("stderr", 0.0), a.get("stderr", 0.0))
+        se = math.hypot(_stderr(d), _stderr(a))
         where = f"{_epochs(diffusion.epochs)}, {_count(diffusion.parameters)} params ({diffusion.group_label})"
         where += f" [{split}]" if len(splits) > 1 else ""
-        if gap > 2 * se:
+        if math.isnan(se):
+            verdict = "a standard error is unknown (one sequence scored): no difference can be shown"
+        elif gap > 2 * se:
             verdict = "the diffusion bound is lower, so the diffusion model is better"
             overtakes.append(diffusion)
         elif gap < -2 * se:
@@ -282,7 +314,7 @@ def comparison_lines(runs: list[Run]) -> list[str]:
         else:
             verdict = "within two standard errors: no difference shown"
         lines.append(f"- {where}: AR {a['nll_per_token']:.3f} vs diffusion <= {d['nll_per_token']:.3f}; "
-                     f"gap {gap:+.3f} ± {se:.3f}: {verdict}.")
+                     f"gap {gap:+.3f} ± {'?' if math.isnan(se) else f'{se:.3f}'}: {verdict}.")
     epochs = sorted({round(d.epochs, 3) for d, *_ in found if d.epochs})
     if len(epochs) > 1:
         tried = ", ".join(_number(e) for e in epochs)
@@ -342,7 +374,7 @@ def plot_final(runs: list[Run], path: Path, *, x: str) -> Path | None:
                 continue
             xs = [p[0] for p in points]
             ys = [p[1]["nll_per_token"] for p in points]
-            errors = [Z95 * p[1].get("stderr", 0.0) for p in points]
+            errors = [Z95 * _stderr(p[1]) for p in points]  # unknown: no bar drawn, rather than a 0 one
             label = objective + (" (NELBO, a bound)" if objective != "ar" else " (exact NLL)")
             label += f" [{series_label(members)}]" if len(series) > len({o for o, _ in series}) else ""
             ax.errorbar(xs, ys, yerr=errors, capsize=3, marker="o" if objective != "ar" else "s",
@@ -406,11 +438,12 @@ def spaced_ticks(values: list[float], *, min_ratio: float = 1.25) -> list[float]
 
 
 # -- the whole report ------------------------------------------------------------------------
-def write_report(roots: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
-    """Write report.md, report.csv and the PNGs into out_dir; returns the markdown and the paths."""
+def write_report(roots: list[Path], out_dir: Path, warn=None) -> tuple[str, list[Path]]:
+    """Write report.md, report.csv and the PNGs into out_dir; returns the markdown and the paths.
+    `warn(line)`: where runs that cannot be read are named (they are left out); see find_runs."""
     from tdlm.studies import repetition
 
-    runs = sort_runs(find_runs(roots))
+    runs = sort_runs(find_runs(roots, warn))
     out_dir.mkdir(parents=True, exist_ok=True)
     twins = compared_pairs(runs)
     plots = [p for p in (plot_curves(runs, out_dir / "valid_curves.png"),
@@ -434,6 +467,12 @@ def write_report(roots: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
     (out_dir / "report.md").write_text(markdown)
     (out_dir / "report.csv").write_text(csv_text(runs))
     return markdown, [out_dir / "report.md", out_dir / "report.csv", *plots]
+
+
+def _stderr(result: dict) -> float:
+    """A result's standard error; NaN where it is unknown (one sequence scored: evaluate gives None)."""
+    stderr = result.get("stderr", 0.0)
+    return math.nan if stderr is None else stderr
 
 
 def _count(value) -> str:

@@ -261,10 +261,12 @@ def read_checkpoint(run_dir: Path, which: str, read):
     raise AssertionError("unreachable")
 
 
-def readable_checkpoint(run_dir: Path, *, weights: bool = True) -> tuple[Path, dict, dict | None, list[str]]:
+def readable_checkpoint(run_dir: Path, *, weights: bool = True,
+                        expected: dict | None = None) -> tuple[Path, dict, dict | None, list[str]]:
     """The newest checkpoint that can be read, for --resume: `last`, else `last`'s previous one,
-    else the newest other kept directory. Returns (path, state, weights or None, what was
-    skipped and why). CheckpointError when none can be read."""
+    else the newest other kept directory. `expected`: the model's state dict (or its shapes);
+    weights that do not fit it count as unreadable (check_fits). Returns (path, state, weights or
+    None, what was skipped and why). CheckpointError when none can be read."""
     root = Path(run_dir) / "checkpoints"
     candidates, skipped, limit = [], [], None
     try:
@@ -279,7 +281,10 @@ def readable_checkpoint(run_dir: Path, *, weights: bool = True) -> tuple[Path, d
         path = root / name
         try:
             state = load_state(path)
-            return path, state, read_weights(path) if weights else None, skipped
+            read = read_weights(path) if weights else None
+            if read is not None and expected is not None:
+                check_fits(path / "model.safetensors", read, expected)
+            return path, state, read, skipped
         except (OSError, CheckpointError) as exc:
             skipped.append(f"{name}: {str(exc).split(': the checkpoint is')[0]}")
     raise CheckpointError(f"--resume: no checkpoint in {root} can be read ({'; '.join(skipped) or 'none kept'}); "
@@ -321,8 +326,31 @@ def read_weights(path: Path) -> dict:
         raise _unreadable(file, exc) from exc
 
 
+def check_fits(file: Path, weights: dict, expected: dict, *, must_match=lambda key: True) -> None:
+    """CheckpointError naming the tensors when `weights` (read from `file`) do not fit a model
+    whose state dict (or its shapes) is `expected`: a checkpoint of another model size or
+    architecture, copied into this run. `must_match(key)`: the keys that must be present in
+    both (every key by default); a key present in both must always have the model's shape."""
+    def shape(value) -> list[int]:
+        return list(getattr(value, "shape", value))
+
+    wrong = [f"{k} {shape(v)} (the model's: {shape(expected[k])})"
+             for k, v in weights.items() if k in expected and shape(v) != shape(expected[k])]
+    wrong += [f"{k} missing" for k in expected if k not in weights and must_match(k)]
+    wrong += [f"{k} not in the model" for k in weights if k not in expected and must_match(k)]
+    if wrong:
+        listed = ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        run_dir = Path(file).parent.parent.parent
+        raise CheckpointError(
+            f"{file} does not fit the run's model ({listed}): the checkpoint is of another model size or "
+            f"architecture than the run's config.json; use another one with --checkpoint "
+            f"({describe_checkpoints(run_dir)}); tdlm run --resume falls back to the previous one")
+
+
 def load_weights(model, path: Path) -> None:
-    model.load_state_dict(read_weights(path))
+    weights = read_weights(path)
+    check_fits(Path(path) / "model.safetensors", weights, model.state_dict())
+    model.load_state_dict(weights)
 
 
 def load_state(path: Path) -> dict:

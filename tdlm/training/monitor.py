@@ -58,7 +58,12 @@ def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MetricsError(f"{path} is not UTF-8 text (byte {exc.start}): it is damaged; move it aside "
+                           "(the run's figures logged so far are lost with it)") from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     records = []
     for i, (n, line) in enumerate(lines):
         try:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tdlm.training import checkpointer as ckpt
-from tdlm.config import RecipeError, RunConfig, resolved_dict, to_toml
+from tdlm.config import RecipeError, RunConfig, check_warmup, resolved_dict, to_toml
 from tdlm.data import load_corpus, train_stream
 from tdlm.training.distributed import StopAgreement, device_name, from_main, make_accelerator, unwrap
 from tdlm.data.manifest import ShardError
@@ -79,6 +79,10 @@ class Trainer:
                                    rank=acc.process_index, world_size=acc.num_processes)
         self.tokens_per_step = self.tc.batch_size * cfg.data.seq_len
         self.total_steps = self.tc.max_steps or math.ceil(self.tc.epochs * self.stream.batches_per_epoch)
+        try:  # epochs: the length is known only now that the data is
+            check_warmup(self.tc.warmup_steps, self.total_steps)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
         self.train_step = TrainStep(self.built.model, self.tc, acc, seed=cfg.run.seed, total_steps=self.total_steps)
         self.model, self.optimizer, self.deepspeed = self.train_step.model, self.train_step.optimizer, self.train_step.deepspeed
         self.evaluator = Evaluator(cfg, self.corpus, acc, total_steps=self.total_steps,
@@ -238,7 +242,16 @@ class Trainer:
         return ahead[1] if ahead is not None and ahead[0] == self.step else self.stream.get(self.step)
 
     # -- what the loop calls -----------------------------------------------------------------
+    def check_run_dir(self) -> None:
+        """A RunError on every process when the run directory was removed while training (checked
+        before each write: logs and checkpoints would otherwise go into a half-made new one)."""
+        removed = self.lock.removed() if self.lock is not None else None
+        if from_main(self.accelerator, removed):
+            raise RunError(f"run directory {self.run_dir} was removed while training; nothing more can be saved "
+                           "(start the run again)")
+
     def log_train(self, loss: torch.Tensor, tokens_per_s: float, bar) -> None:
+        self.check_run_dir()
         loss = self.accelerator.reduce(loss, reduction="mean").item()  # the host sync of a window
         if not math.isfinite(loss):
             raise self.checkpointer.diverged(f"training loss became {loss} by step {self.step}")
@@ -286,6 +299,7 @@ class Trainer:
     def save(self) -> None:
         """A full-weights checkpoint any single process can load (`tdlm eval`, `tdlm sample`), plus
         what resuming needs (the checkpointer writes it)."""
+        self.check_run_dir()
         acc, window = self.accelerator, None
         if self.window_steps:  # stopped between log steps: the next session logs this window
             window = {"steps": self.window_steps, "seconds": self.window_seconds,
@@ -386,7 +400,8 @@ class Trainer:
     def _resume(self) -> None:
         acc = self.accelerator
         # last, or (when it cannot be read) the newest readable one; DeepSpeed reads its engine state instead
-        path, state, weights, skipped = ckpt.readable_checkpoint(self.run_dir, weights=not self.deepspeed)
+        path, state, weights, skipped = ckpt.readable_checkpoint(
+            self.run_dir, weights=not self.deepspeed, expected=unwrap(acc, self.model).state_dict())
         written_by = state.get("engine", "single")
         if self.deepspeed or written_by.startswith("deepspeed"):
             if written_by != self.engine_name() or state.get("processes") != acc.num_processes:
@@ -473,7 +488,7 @@ class Trainer:
 
 def _scalars(result: dict) -> dict:
     keys = ("nll_per_token", "ppl", "bits_per_byte", "stderr", "masked_accuracy", "next_token_accuracy")
-    return {k: result[k] for k in keys if k in result}
+    return {k: result[k] for k in keys if result.get(k) is not None}  # an unknown stderr is not logged
 
 
 def train(cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None) -> dict:
