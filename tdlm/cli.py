@@ -321,11 +321,16 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
               help="accelerate config file of the emitted commands.")
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs per run (--emit slurm).")
 @click.option("--time", "time_limit", default="12:00:00", show_default=True, help="Time limit per run (--emit slurm).")
-def sweep(sweep_file, dry_run, patterns, emit, launch_config, gpus, time_limit):
-    """Train every run of a SWEEP_FILE (base recipes x a grid of overrides), one after the other.
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs at once, each its own process (CPU: the cores are split between them; one GPU: shared). "
+                   "Their output goes to <out_dir>/<sweep>/.logs/<run>.log.")
+def sweep(sweep_file, dry_run, patterns, emit, launch_config, gpus, time_limit, jobs):
+    """Train every run of a SWEEP_FILE (base recipes x a grid of overrides), one after the other
+    (or --jobs N at a time).
 
     Every run's recipe is validated first. Finished runs are skipped and stopped ones resumed,
-    so the same command continues a sweep; a failed run is reported at the end (exit code 1).
+    so the same command continues a sweep; a failed run does not stop the others and is
+    reported at the end (exit code 1). Ctrl-C makes every running run save a checkpoint and stop.
     """
     from tdlm.config import RecipeError
     from tdlm.registry import PluginError
@@ -350,7 +355,12 @@ def sweep(sweep_file, dry_run, patterns, emit, launch_config, gpus, time_limit):
         click.echo(script.read_text())
         click.echo(f"wrote {script} and {commands} ({len(runs)} runs); submit with: sbatch {script}", err=True)
         return
-    outcome = run_sweep(runs, echo=click.echo)
+    if jobs > 1:
+        from tdlm.studies.sweep_jobs import run_sweep_jobs
+
+        outcome = run_sweep_jobs(runs, jobs, plan.out_dir / ".logs", echo=click.echo)
+    else:
+        outcome = run_sweep(runs, echo=click.echo)
     click.echo(f"\nsweep {plan.name}: " + ", ".join(f"{len(names)} {what}" for what, names in outcome.items())
                + f"; report: tdlm report {plan.out_dir}")
     for name in outcome["failed"]:
