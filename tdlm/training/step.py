@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 from tdlm.config import RecipeError, TrainingConfig
-from tdlm.training.distributed import configure_deepspeed
+from tdlm.training.distributed import configure_deepspeed, fsdp_version
 from tdlm.training.optim import build_optimizer, lr_at
 
 
@@ -40,6 +40,7 @@ class TrainStep:
         self.micro = training.micro_batch_size or per_rank
         if per_rank % self.micro:
             raise RecipeError(f"training.micro_batch_size ({self.micro}) must divide the per-process batch ({per_rank})")
+        self.fsdp = fsdp_version(accelerator)
         if training.compile:
             # the objectives call net.features (the head is applied where the loss is), so that is
             # what gets compiled; an attribute, so the state_dict keys stay the same
@@ -48,6 +49,12 @@ class TrainStep:
         self.deepspeed = configure_deepspeed(accelerator, self.micro, training.grad_clip)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.grad_norm = torch.zeros(())
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the optimizer state is split between processes (DeepSpeed ZeRO, FSDP): then a
+        checkpoint keeps the engine's own state beside the full weights."""
+        return bool(self.deepspeed or self.fsdp)
 
     def __call__(self, step: int, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Train on `batch` (host memory) as global step `step`: the loss (on the device, no host

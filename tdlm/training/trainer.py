@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from tdlm.training import checkpointer as ckpt
 from tdlm.config import RecipeError, RunConfig, resolved_dict, to_toml
 from tdlm.data import load_corpus, train_stream
-from tdlm.training.distributed import StopAgreement, device_name, from_main, make_accelerator, unwrap
+from tdlm.training.distributed import StopAgreement, device_name, from_main, gathered_parameters, make_accelerator, unwrap
 from tdlm.data.manifest import ShardError
 from tdlm.data.record import check_record, data_record, write_record
 from tdlm.errors import DataError, RunError, TrainingDiverged  # noqa: F401 - the CLI and tests import it from here
@@ -73,7 +73,9 @@ class Trainer:
         self.model, self.optimizer, self.deepspeed = self.train_step.model, self.train_step.optimizer, self.train_step.deepspeed
         self.evaluator = Evaluator(cfg, self.corpus, acc, total_steps=self.total_steps,
                                    stop=lambda: self.stop_agreement.any(self.stop_requested))
-        self.checkpointer = ckpt.Checkpointer(self.run_dir, acc, deepspeed=self.deepspeed, every=self.tc.checkpoint_every)
+        # a sharded engine (DeepSpeed, FSDP) saves its own optimizer state beside the gathered weights
+        self.checkpointer = ckpt.Checkpointer(self.run_dir, acc, deepspeed=self.train_step.sharded,
+                                              every=self.tc.checkpoint_every)
         self.step = 0
         # totals over every session of the run (kept in the checkpoints): training time alone (no
         # eval, no saving; for tokens/s and MFU) and its steps, wall time, sessions
@@ -224,7 +226,8 @@ class Trainer:
     def evaluate_and_sample(self) -> dict:
         """The periodic validation figure (logged; it decides `best`) and samples."""
         model = unwrap(self.accelerator, self.model)
-        result = self.evaluator.validate(model)
+        with gathered_parameters(model):
+            result = self.evaluator.validate(model)
         if not math.isfinite(result["nll_per_token"]):  # NaN weights: nothing to sample or save
             raise self.checkpointer.diverged(f"the validation figure became {result['nll_per_token']} at step {self.step}")
         self.logger.log(self.step, _scalars(result), "val")
@@ -232,7 +235,8 @@ class Trainer:
                 for b in result.get("t_buckets", []) if b["masked_ce"] is not None}
         if by_t:
             self.logger.log(self.step, by_t, "val_by_t")
-        self.samples = self.sample_text(model)  # on every process: engines that shard weights need all in the forward
+        with gathered_parameters(model):  # on every process: engines that shard weights need all in the forward
+            self.samples = self.sample_text(model)
         for i, text in enumerate(self.samples):
             self.logger.text(self.step, f"sample/{i}", text)
         return result
@@ -265,7 +269,7 @@ class Trainer:
                      "window": window, "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
                      "wall_seconds": self._wall_seconds(), "sessions": self.sessions,
                      "pointer_info": {"val_nll": self.evaluator.last.get("nll_per_token")}}
-            if not self.deepspeed:
+            if not self.train_step.sharded:
                 state["optimizer"] = self.optimizer.state_dict()
             return state
 
@@ -273,7 +277,11 @@ class Trainer:
         self.checkpointer.save(self.model, self.step, state, best=best)
 
     def engine_name(self) -> str:
-        return f"deepspeed-zero{self.deepspeed}" if self.deepspeed else "ddp" if self.accelerator.num_processes > 1 else "single"
+        if self.deepspeed:
+            return f"deepspeed-zero{self.deepspeed}"
+        if self.train_step.fsdp:
+            return f"fsdp{self.train_step.fsdp}"
+        return "ddp" if self.accelerator.num_processes > 1 else "single"
 
     def finish(self, status: str, bar) -> dict:
         """Score the best checkpoint on the full valid and test splits and write summary.json."""
@@ -352,14 +360,15 @@ class Trainer:
     def _resume(self) -> None:
         acc = self.accelerator
         # last, or (when it cannot be read) the newest readable one; DeepSpeed reads its engine state instead
-        path, state, weights, skipped = ckpt.readable_checkpoint(self.run_dir, weights=not self.deepspeed)
+        sharded = self.train_step.sharded
+        path, state, weights, skipped = ckpt.readable_checkpoint(self.run_dir, weights=not sharded)
         written_by = state.get("engine", "single")
-        if self.deepspeed or written_by.startswith("deepspeed"):
+        if sharded or written_by.startswith(("deepspeed", "fsdp")):
             if written_by != self.engine_name() or state.get("processes") != acc.num_processes:
                 raise RecipeError(
                     f"--resume: {path} was written by {state.get('processes')} process(es) with {written_by}; this run "
                     f"has {acc.num_processes} with {self.engine_name()}. DeepSpeed checkpoints resume only on the "
-                    "same engine and process count (their optimizer state is sharded per process); a plain run "
+                    "same engine and process count (their optimizer state is sharded per process; FSDP's too); a plain run "
                     "resumes on any number of processes. The weights load anywhere: tdlm eval / tdlm sample."
                 )
             acc.load_state(str(path / "engine"))
