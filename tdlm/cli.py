@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -64,6 +65,7 @@ def cli():
 @click.option("--check", is_flag=True, help="Only validate the recipe and print the resolved config.")
 def run(recipe, overrides, unset, resume, stop_at, check):
     """Train the model a RECIPE describes, then score it and print a sample."""
+    started = time.perf_counter()  # summary.json's timing.startup_s counts from here (torch is imported below)
     if stop_at is not None and stop_at < 1:
         _fail(f"--stop-at {stop_at}: a step to stop after must be at least 1")
     cfg, components = _load_recipe(recipe, overrides, unset)
@@ -83,7 +85,7 @@ def run(recipe, overrides, unset, resume, stop_at, check):
     from tdlm.training.trainer import TrainingDiverged, train
 
     try:
-        summary = train(cfg, components, resume=resume, stop_at=stop_at)
+        summary = train(cfg, components, resume=resume, stop_at=stop_at, started=started)
     except (TdlmError, DataNotFoundError) as exc:
         _fail(str(exc))
     except TrainingDiverged as exc:

@@ -34,7 +34,12 @@ from tdlm.rundir import check_resume_config, claim_run_dir, vocab_info, with_man
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None):
+    def __init__(self, cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None,
+                 started: float | None = None):
+        # this session's seconds by phase (summary.json "timing"); `started`: when the command began
+        # (time.perf_counter()), so the start-up counts its imports and the recipe's checks
+        self.command_started = time.perf_counter() if started is None else started
+        self.phase_seconds = {"eval_s": 0.0, "save_s": 0.0, "final_scoring_s": 0.0}
         self.accelerator = make_accelerator(mixed_precision(cfg.training.mixed_precision))
         # shards fix the corpus and the tokenizer: the saved config (and a resume's check) say which
         warn = (lambda line: tqdm.write(line, file=sys.stderr)) if self.accelerator.is_main_process else None
@@ -131,7 +136,12 @@ class Trainer:
             if self.stop_agreement.any(self._read_ahead() is not None):
                 raise self._data_damaged(saved=False)  # no step of this session is lost
             while self.step < self.total_steps:
-                loss, stats = self.run_step()
+                if "first_step_s" not in self.phase_seconds:  # torch.compile and lazy set-up land in it
+                    first = time.perf_counter()
+                    loss, stats = self.run_step()
+                    self.phase_seconds["first_step_s"] = time.perf_counter() - first
+                else:
+                    loss, stats = self.run_step()
                 self.window_loss += loss
                 for key, value in stats.items():  # summed on the device; read at the next log step
                     self.window_stats[key] = self.window_stats.get(key, 0) + value
@@ -225,6 +235,7 @@ class Trainer:
 
     def evaluate_and_sample(self) -> dict:
         """The periodic validation figure (logged; it decides `best`) and samples."""
+        began = time.perf_counter()
         model = unwrap(self.accelerator, self.model)
         with gathered_parameters(model):
             result = self.evaluator.validate(model)
@@ -239,6 +250,7 @@ class Trainer:
             self.samples = self.sample_text(model)
         for i, text in enumerate(self.samples):
             self.logger.text(self.step, f"sample/{i}", text)
+        self.phase_seconds["eval_s"] += time.perf_counter() - began
         return result
 
     def sample_text(self, model, num: int | None = None) -> list[str]:
@@ -257,7 +269,7 @@ class Trainer:
     def save(self) -> None:
         """A full-weights checkpoint any single process can load (`tdlm eval`, `tdlm sample`), plus
         what resuming needs (the checkpointer writes it)."""
-        acc, window = self.accelerator, None
+        acc, window, began = self.accelerator, None, time.perf_counter()
         if self.window_steps:  # stopped between log steps: the next session logs this window
             window = {"steps": self.window_steps, "seconds": self.window_seconds,
                       "loss_sum": acc.reduce(self.window_loss, reduction="mean").item(),
@@ -275,6 +287,7 @@ class Trainer:
 
         best, self.evaluator.is_best = self.evaluator.is_best, False
         self.checkpointer.save(self.model, self.step, state, best=best)
+        self.phase_seconds["save_s"] += time.perf_counter() - began
 
     def engine_name(self) -> str:
         if self.deepspeed:
@@ -296,6 +309,7 @@ class Trainer:
                    **self._throughput(), "sessions": self.sessions,
                    "wall_time_s": self._wall_seconds()}
         if status == "finished":
+            began = time.perf_counter()
             # the best weights, in a plain copy of the model on every process (the trained module
             # may be partitioned by ZeRO-3); processes share the scoring as in training
             model = build_model(self.cfg, self.components, self.vocab_info).model.to(acc.device)
@@ -316,6 +330,8 @@ class Trainer:
             if summary["status"] == "finished":
                 summary["samples"] = self.sample_text(model)
             summary["wall_time_s"] = self._wall_seconds()
+            self.phase_seconds["final_scoring_s"] = time.perf_counter() - began
+        summary["timing"] = self._timing()
         if acc.is_main_process:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.wait_for_everyone()
@@ -331,6 +347,15 @@ class Trainer:
         peak = peak_flops(acc.device, acc.mixed_precision)
         return {"train_tokens_per_s": rate, "train_seconds": seconds, "flops_per_token": per_token,
                 "mfu": mfu(rate, per_token, peak * acc.num_processes) if rate and peak else None}
+
+    def _timing(self) -> dict:
+        """This session's seconds by phase: start-up (imports, data and tokenizer cache, model build,
+        up to the first step), the first step alone (torch.compile's tracing lands there), the
+        periodic evaluations with their samples, checkpoint saves, the final scoring, and the whole
+        command so far. Training time is train_seconds (every session)."""
+        now = time.perf_counter()
+        return {"startup_s": self.started - self.command_started, **self.phase_seconds,
+                "command_s": now - self.command_started}
 
     def _wall_seconds(self) -> float:
         """Wall time of the run's sessions: each from the start of its loop to its last checkpoint
@@ -467,5 +492,6 @@ def _scalars(result: dict) -> dict:
     return {k: result[k] for k in keys if k in result}
 
 
-def train(cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None) -> dict:
-    return Trainer(cfg, components, resume=resume, stop_at=stop_at).fit()
+def train(cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None,
+          started: float | None = None) -> dict:
+    return Trainer(cfg, components, resume=resume, stop_at=stop_at, started=started).fit()
