@@ -471,9 +471,11 @@ def _show_component(registry, name: str, as_json: bool) -> None:
               help="The tiny and quick recipes, diffusion and AR, with projected wall times of their training.")
 @click.option("--fused/--no-fused", default=False, show_default=True,
               help="On CUDA, use Liger's fused linear + cross-entropy kernel (when installed).")
+@click.option("--compile/--no-compile", "compile", default=False, show_default=True,
+              help="torch.compile both sides' network (the engine as training.compile does).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bench(as_json, device, recipe, suite, **settings):
-    """Training tokens/s of the engine's train step vs a hand-written full-logits loop, as a ratio."""
+    """Training tokens/s and MFU of the engine's train step vs a hand-written full-logits loop, as a ratio."""
     from tdlm.studies import bench as benchmark
 
     log = None if as_json else (lambda line: click.echo(line, err=True))
