@@ -79,11 +79,21 @@ def fsdp_version(accelerator) -> int:
 
 @contextlib.contextmanager
 def gathered_parameters(model):
-    """The whole parameters of an FSDP2 model while the block runs. FSDP2 gathers a module's
-    shards around that module's forward only; evaluation and sampling call `net.features` and
-    `net.head_weight` directly (not LanguageModel.forward), so the parameters the root unit owns
-    (embeddings, final norm, head) would stay sharded. The blocks, FSDP units of their own, still
-    gather around their forward. Any other model: nothing to do."""
+    """The whole parameters of a sharded model while the block runs: evaluation and sampling call
+    `net.features` and `net.head_weight` directly (not LanguageModel.forward), and read the head's
+    weight outside any module's forward.
+
+    FSDP2 gathers a module's shards around that module's forward only, so the parameters the root
+    unit owns (embeddings, final norm, head) would stay sharded; the blocks, FSDP units of their
+    own, still gather around their forward. DeepSpeed ZeRO-3 leaves every parameter above its
+    persistence threshold (a GPT-2 head: 3.2M weights at d = 64) an empty placeholder outside a
+    forward: all are gathered. Any other model: nothing to do."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3's partitioned parameters
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield
+        return
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch without FSDP2
