@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -82,6 +83,7 @@ def cli():
 @click.option("--check", is_flag=True, help="Only validate the recipe and print the resolved config.")
 def run(recipe, overrides, unset, resume, stop_at, check):
     """Train the model a RECIPE describes, then score it and print a sample."""
+    started = time.perf_counter()  # summary.json's timing.startup_s counts from here (torch is imported below)
     if stop_at is not None and stop_at < 1:
         _fail(f"--stop-at {stop_at}: a step to stop after must be at least 1")
     cfg, components = _load_recipe(recipe, overrides, unset)
@@ -105,7 +107,7 @@ def run(recipe, overrides, unset, resume, stop_at, check):
     from tdlm.training.trainer import TrainingDiverged, train
 
     try:
-        summary = train(cfg, components, resume=resume, stop_at=stop_at)
+        summary = train(cfg, components, resume=resume, stop_at=stop_at, started=started)
     except (TdlmError, DataNotFoundError) as exc:
         _fail(str(exc))
     except TrainingDiverged as exc:
@@ -343,11 +345,16 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
               help="accelerate config file of the emitted commands.")
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs per run (--emit slurm).")
 @click.option("--time", "time_limit", default="12:00:00", show_default=True, help="Time limit per run (--emit slurm).")
-def sweep(sweep_file, dry_run, patterns, emit, launch_config, gpus, time_limit):
-    """Train every run of a SWEEP_FILE (base recipes x a grid of overrides), one after the other.
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs at once, each its own process (CPU: the cores are split between them; one GPU: shared). "
+                   "Their output goes to <out_dir>/<sweep>/.logs/<run>.log.")
+def sweep(sweep_file, dry_run, patterns, emit, launch_config, gpus, time_limit, jobs):
+    """Train every run of a SWEEP_FILE (base recipes x a grid of overrides), one after the other
+    (or --jobs N at a time).
 
     Every run's recipe is validated first. Finished runs are skipped and stopped ones resumed,
-    so the same command continues a sweep; a failed run is reported at the end (exit code 1).
+    so the same command continues a sweep; a failed run does not stop the others and is
+    reported at the end (exit code 1). Ctrl-C makes every running run save a checkpoint and stop.
     """
     from tdlm.config import RecipeError
     from tdlm.registry import PluginError
@@ -372,7 +379,12 @@ def sweep(sweep_file, dry_run, patterns, emit, launch_config, gpus, time_limit):
         click.echo(script.read_text())
         click.echo(f"wrote {script} and {commands} ({len(runs)} runs); submit with: sbatch {script}", err=True)
         return
-    outcome = run_sweep(runs, echo=click.echo)
+    if jobs > 1:
+        from tdlm.studies.sweep_jobs import run_sweep_jobs
+
+        outcome = run_sweep_jobs(runs, jobs, plan.out_dir / ".logs", echo=click.echo)
+    else:
+        outcome = run_sweep(runs, echo=click.echo)
     click.echo(f"\nsweep {plan.name}: " + ", ".join(f"{len(names)} {what}" for what, names in outcome.items())
                + f"; report: tdlm report {plan.out_dir}")
     for name in outcome["failed"]:
@@ -482,9 +494,11 @@ def _show_component(registry, name: str, as_json: bool) -> None:
               help="The tiny and quick recipes, diffusion and AR, with projected wall times of their training.")
 @click.option("--fused/--no-fused", default=False, show_default=True,
               help="On CUDA, use Liger's fused linear + cross-entropy kernel (when installed).")
+@click.option("--compile/--no-compile", "compile", default=False, show_default=True,
+              help="torch.compile both sides' network (the engine as training.compile does).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bench(as_json, device, recipe, suite, **settings):
-    """Training tokens/s of the engine's train step vs a hand-written full-logits loop, as a ratio."""
+    """Training tokens/s and MFU of the engine's train step vs a hand-written full-logits loop, as a ratio."""
     from tdlm.studies import bench as benchmark
 
     log = None if as_json else (lambda line: click.echo(line, err=True))

@@ -11,8 +11,10 @@ A step of a small model over a GPT-2-sized vocabulary spends almost all its time
 
 `linear_cross_entropy` is exact (the same sums as `F.cross_entropy(F.linear(h, W), y)` up to
 float rounding), forward and backward. On CUDA, logits that fit in memory are made whole (the
-plain computation is faster there) and only larger ones are chunked; Liger's fused linear
-cross-entropy (`pip install -e ".[fused]"`) is used with `TDLM_FUSED_CE=1`.
+plain computation is faster there) with static shapes: every position scored over a vocabulary
+padded to a multiple of 128, no host sync (`static_linear_cross_entropy`); only larger ones are
+chunked. Liger's fused linear cross-entropy (`pip install -e ".[fused]"`) is used with
+`TDLM_FUSED_CE=1`.
 """
 
 from __future__ import annotations
@@ -36,8 +38,14 @@ PLAIN_ELEMENTS_CUDA = 2**30
 # Devices where reading a tensor on the host costs nothing (no queue of work to wait for).
 # Gathering the masked rows needs their count on the host, and the one-pass gradient checks the
 # upstream gradient there: on a GPU both would wait for the device at every step, so there the
-# head scores every position (the unmasked ones zeroed: the same sums) and the backward recomputes.
-SYNC_FREE_DEVICES = {"cpu"}
+# head takes the static-shape path: it scores every position (the unmasked ones weighted by zero:
+# the same sums) over a vocabulary padded to a multiple of VOCAB_MULTIPLE, with no host sync, so
+# the step can be queued ahead and captured whole. TDLM_STATIC_HEAD=1 takes that path on a CPU too.
+SYNC_FREE_DEVICES = set() if os.environ.get("TDLM_STATIC_HEAD", "0") == "1" else {"cpu"}
+# Tensor-core matmuls tile the output in blocks of 64-128 columns: 50,257 GPT-2 logits leave a
+# ragged last tile, 50,304 (= 393 x 128) do not. The pad logits are -inf, so they add exp(-inf)
+# = 0 to every softmax sum and get zero gradient: the loss and gradients are unchanged.
+VOCAB_MULTIPLE = 128
 
 
 def chunk_rows(vocab_size: int, device: torch.device, sizes: dict = CHUNK_ELEMENTS) -> int:
@@ -190,16 +198,59 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, row_we
         return hidden.new_zeros(0, dtype=torch.float32) + 0.0 * weight.sum()  # keeps the graph
     if row_weight is not None and row_weight.requires_grad:
         return row_weight * linear_cross_entropy(hidden, weight, targets, fused=fused)
-    if hidden.is_cuda:
+    if hidden.is_cuda and fused and USE_FUSED and torch.is_grad_enabled() and _fused_kernel() is not None:
         scale = 1.0 if row_weight is None else row_weight
-        if fused and USE_FUSED and torch.is_grad_enabled() and _fused_kernel() is not None:
-            dtype = _compute_dtype(hidden)
-            return scale * _fused_kernel()(hidden.to(dtype), weight.to(dtype), targets, reduction="none").float()
-        if hidden.shape[0] * weight.shape[0] <= PLAIN_ELEMENTS_CUDA:
-            return scale * F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
+        dtype = _compute_dtype(hidden)
+        return scale * _fused_kernel()(hidden.to(dtype), weight.to(dtype), targets, reduction="none").float()
+    if hidden.device.type not in SYNC_FREE_DEVICES and hidden.shape[0] * weight.shape[0] <= PLAIN_ELEMENTS_CUDA:
+        return static_linear_cross_entropy(hidden, weight, targets, row_weight)
     eager = (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
              and hidden.device.type in SYNC_FREE_DEVICES)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, row_weight, _compute_dtype(hidden), eager)
+
+
+def padded_size(vocab: int) -> int:
+    return -(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def _pad_bias(vocab: int, padded: int, device: torch.device) -> Tensor:
+    """[padded] float32: 0 for the real tokens, -inf for the pad columns (made once per size and device)."""
+    key = (vocab, padded, device)
+    bias = _PAD_BIAS.get(key)
+    if bias is None:
+        bias = _PAD_BIAS[key] = torch.cat([torch.zeros(vocab, device=device),
+                                           torch.full((padded - vocab,), -torch.inf, device=device)])
+    return bias
+
+
+_PAD_BIAS: dict = {}
+
+
+def padded_logits(hidden: Tensor, weight: Tensor) -> Tensor:
+    """hidden @ weight.T over the vocabulary padded to a multiple of VOCAB_MULTIPLE: [M, V_pad], the
+    pad columns -inf (the -inf bias rides in the matmul's epilogue). In autocast's dtype."""
+    vocab = weight.shape[0]
+    padded = padded_size(vocab)
+    if padded == vocab:
+        return F.linear(hidden, weight)
+    w = F.pad(weight, (0, 0, 0, padded - vocab))  # zero rows; their gradient is sliced away
+    return F.linear(hidden, w, _pad_bias(vocab, padded, hidden.device).to(_compute_dtype(hidden)))
+
+
+def row_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """-log softmax(logits)[target] per row, summed in float32 at least from logits of any dtype (bf16 logits
+    are read, not copied, once compiled: torch.compile fuses the cast, the max, the exp-sum and the gather)."""
+    acc = _accumulate_dtype(logits.dtype)
+    return torch.logsumexp(logits.to(acc), dim=-1) - logits.gather(1, targets[:, None]).squeeze(1).to(acc)
+
+
+def static_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
+                                row_weight: Tensor | None = None) -> Tensor:
+    """linear_cross_entropy with static shapes and no host sync: every row scored over the padded
+    vocabulary, times `row_weight` (for a masked loss: the mask times the NELBO weight, so a row
+    outside the loss counts 0 x its finite cross-entropy). [M] float32."""
+    ce = row_cross_entropy(padded_logits(hidden, weight), targets)
+    return ce if row_weight is None else ce * row_weight
 
 
 @torch.no_grad()

@@ -147,3 +147,28 @@ def test_train_step_does_not_synchronize_the_gpu(objective):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_mfu_is_model_flops_over_the_peak_and_unknown_without_one(monkeypatch):
+    result = measure(objective="diffusion", **TINY)
+    assert result["peak_flops"] is None and result["engine_mfu"] is None  # a CPU has no peak in the table
+    monkeypatch.setattr("tdlm.studies.flops.peak_flops", lambda device, dtype: 1e12)
+    result = measure(objective="diffusion", **TINY)
+    assert result["flops_per_token"] > 0
+    for side in ("engine", "baseline"):
+        assert result[f"{side}_mfu"] == pytest.approx(result[f"{side}_tokens_per_s"] * result["flops_per_token"] / 1e12)
+
+
+def test_compile_reaches_both_sides():
+    """--compile: the engine's TrainStep compiles its network (training.compile), the hand-written
+    loop its own (not run here: compiling on a CPU takes minutes)."""
+    from tdlm.studies.bench import Baseline
+
+    cfg, components = bench_config(vocab=64, d_model=16, n_layers=1, n_heads=2, batch=4, seq_len=16,
+                                   objective="ar", total_steps=10, seed=0, compile=True)
+    assert cfg.training.compile
+    vocab = VocabInfo(size=64, mask_id=64, bos_id=63)
+    baseline = Baseline(cfg, components, vocab, torch.device("cpu"), torch.zeros(4, 16, dtype=torch.long))
+    assert isinstance(baseline.forward, torch._dynamo.eval_frame.OptimizedModule)
+    step = engine_step(cfg, components, vocab, torch.device("cpu"))
+    assert hasattr(step.model.net.features, "_torchdynamo_orig_callable")

@@ -226,3 +226,27 @@ def test_deepspeed_zero3_stops_and_resumes_exactly_and_refuses_another_process_c
     sample = here(["sample", recipe.parent / "runs" / "zero3", "--num", "1", "--length", "8", "--json"],
                   deepspeed_env)
     assert json.loads(sample[sample.index("{"):])["nfe"] > 0
+
+
+def test_fsdp2_follows_the_one_process_curve_resumes_and_its_weights_load_in_plain_eval(
+        recipe, env, one_process_run):
+    """launch/cpu_fsdp.yaml: FSDP2 (fully_shard per Block, sharded optimizer state) on 2 gloo
+    processes. Stopped at step 4 and resumed, it follows the 1-process curve; the gathered full
+    weights of its checkpoint score in a plain one-process `tdlm eval` as in its own summary."""
+    args = ["run", str(recipe), *COMMON, "--set", "run.name=fsdp"]
+    out = accelerate_launch("cpu_fsdp.yaml", [*args, "--stop-at", "4"], env)
+    assert "2 process(es) (fsdp2)" in out
+    run_dir = recipe.parent / "runs" / "fsdp"
+    assert (run_dir / "checkpoints" / "step-0000004" / "engine").is_dir()  # FSDP's own sharded state
+    accelerate_launch("cpu_fsdp.yaml", [*args, "--resume"], env)
+    fsdp = train_losses(run_dir)
+    for step, loss in train_losses(one_process_run).items():
+        assert fsdp[step] == pytest.approx(loss, abs=LOSS_TOLERANCE), step
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["engine"] == "fsdp2"
+    plain = here(["eval", run_dir, "--split", "test", "--json", "--device", "cpu"], env)
+    plain = json.loads(plain[plain.index("{"):])
+    assert plain["tokens"] == summary["test"]["tokens"]
+    assert plain["nll_per_token"] == pytest.approx(summary["test"]["nll_per_token"], abs=1e-6)
+    one = json.loads((one_process_run / "summary.json").read_text())
+    assert summary["test"]["nll_per_token"] == pytest.approx(one["test"]["nll_per_token"], abs=1e-3)

@@ -11,6 +11,10 @@ buys, net of what its structure (plugins, accelerate, per-step generators) costs
     tdlm bench --recipe recipes/tiny_wikitext2.toml --steps 5    # the seed's tiny model
     tdlm bench --suite                                           # tiny and quick, diffusion and AR
     tdlm bench --vocab 4096 --d-model 64 --objective ar --steps 10
+    tdlm bench --device cuda --recipe recipes/small_wikitext2.toml --compile   # tokens/s and MFU, compiled
+
+Both sides report tokens/s and MFU: model FLOPs per token (tdlm.studies.flops, the same count
+for both: the engine's saving is skipped work, not fewer model FLOPs) over the device's peak.
 """
 
 from __future__ import annotations
@@ -55,9 +59,10 @@ def recipe_steps(path: str) -> int:
 
 
 def bench_config(*, vocab: int, d_model: int, n_layers: int, n_heads: int, batch: int, seq_len: int,
-                 objective: str, total_steps: int, seed: int, model: dict | None = None):
+                 objective: str, total_steps: int, seed: int, model: dict | None = None, compile: bool = False):
     """The RunConfig and resolved components a recipe with these settings would give
-    (`model`: the whole [model] section, e.g. a recipe's; it overrides the three sizes)."""
+    (`model`: the whole [model] section, e.g. a recipe's; it overrides the three sizes;
+    `compile`: training.compile)."""
     from tdlm.config import RunConfig, resolve_components
     from tdlm.registry import build_registry
 
@@ -66,7 +71,7 @@ def bench_config(*, vocab: int, d_model: int, n_layers: int, n_heads: int, batch
         "data": {"seq_len": seq_len},
         "model": model or {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads},
         "objective": {"name": objective},
-        "training": {"batch_size": batch, "max_steps": total_steps, "log_every": total_steps},
+        "training": {"batch_size": batch, "max_steps": total_steps, "log_every": total_steps, "compile": compile},
     })
     return cfg, resolve_components(cfg, build_registry())
 
@@ -104,11 +109,12 @@ class Baseline:
         self.generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()  # what the engine's "auto" picks
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.forward = torch.compile(self.net) if tc.compile else self.net  # as the engine: the network, not the loss
 
     def loss(self, x0: torch.Tensor) -> torch.Tensor:
         if self.objective == "ar":
             inputs = torch.cat([torch.full_like(x0[:, :1], self.vocab.bos_id), x0[:, :-1]], dim=1)
-            logits = self.net(inputs)
+            logits = self.forward(inputs)
             return F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten())
         # masked diffusion, linear schedule: stratified t, mask w.p. t, CE / t at masked positions
         batch, device = x0.shape[0], x0.device
@@ -116,7 +122,7 @@ class Baseline:
         t = ((u + torch.arange(batch, device=device, dtype=torch.float64) / batch) % 1.0).float()
         t = self.t_eps + (1.0 - self.t_eps) * t
         masked = torch.rand(x0.shape, generator=self.generator, device=device) < t[:, None]
-        logits = self.net(torch.where(masked, self.vocab.mask_id, x0))
+        logits = self.forward(torch.where(masked, self.vocab.mask_id, x0))
         ce = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none").view_as(x0)
         return (ce * masked / t[:, None]).sum() / x0.numel()
 
@@ -157,7 +163,8 @@ def _timed(step_fn, steps: int, device: torch.device) -> float:
 def measure(*, vocab: int = 4096, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, batch: int = 64,
             seq_len: int = 128, steps: int = 20, warmup: int = 3, objective: str = "diffusion",
             device: str = "cpu", repeats: int = 3, seed: int = 0, threads: int | None = None,
-            chunk: int | None = None, model: dict | None = None, fused: bool = False, log=None) -> dict:
+            chunk: int | None = None, model: dict | None = None, fused: bool = False, compile: bool = False,
+            log=None) -> dict:
     """Training tokens/s of TrainStep and of the hand-written loop: the median over
     `repeats` rounds of `steps` timed steps each (after `warmup` untimed ones), and the ratio
     engine / baseline: the median over all turns of the two sides' speed ratio in that turn
@@ -169,7 +176,8 @@ def measure(*, vocab: int = 4096, d_model: int = 64, n_layers: int = 2, n_heads:
     timing a chunk ends in a sync that would hide the queueing ahead a real run relies on.
     `threads`: torch's CPU threads while it runs. `model`: a whole [model] section (a recipe's)
     in place of the three sizes. `fused=True`: on CUDA the engine uses Liger's fused linear +
-    cross-entropy where it is installed (as TDLM_FUSED_CE=1 does). `log(str)` hears of each round.
+    cross-entropy where it is installed (as TDLM_FUSED_CE=1 does). `compile=True`: torch.compile on
+    both sides' network (training.compile for the engine). `log(str)` hears of each round.
     """
     if steps < 1 or repeats < 1 or warmup < 0 or (chunk is not None and chunk < 1):
         raise ValueError(f"need steps, repeats, chunk >= 1 and warmup >= 0, got {steps=}, {repeats=}, "
@@ -187,20 +195,21 @@ def measure(*, vocab: int = 4096, d_model: int = 64, n_layers: int = 2, n_heads:
     try:
         return _measure(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, batch=batch,
                         seq_len=seq_len, steps=steps, warmup=warmup, objective=objective, device=device,
-                        repeats=repeats, seed=seed, chunk=chunk, model=model, log=log)
+                        repeats=repeats, seed=seed, chunk=chunk, model=model, compile=compile, log=log)
     finally:
         torch.set_num_threads(before)
         head.USE_FUSED = fused_before
 
 
 def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup, objective, device, repeats,
-             seed, chunk, model, log) -> dict:
+             seed, chunk, model, compile, log) -> dict:
     from tdlm.components import VocabInfo
+    from tdlm.studies.flops import flops_per_token, mfu, peak_flops
     from tdlm.training.distributed import device_name, unwrap
 
     cfg, components = bench_config(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, batch=batch,
                                    seq_len=seq_len, objective=objective, seed=seed, model=model,
-                                   total_steps=repeats * (steps + warmup))
+                                   total_steps=repeats * (steps + warmup), compile=compile)
     info = VocabInfo(size=vocab, mask_id=vocab, bos_id=vocab - 1)
     data = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
     train_step = engine_step(cfg, components, info, device)
@@ -239,6 +248,8 @@ def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup
                 f"baseline {figures['baseline']:,.0f} tok/s, ratio {figures['ratio']:.3f}")
     engine = statistics.median(f["engine"] for f in rounds)
     base = statistics.median(f["baseline"] for f in rounds)
+    per_token = flops_per_token(engine_net, seq_len)["total"]
+    peak = peak_flops(device, train_step.accelerator.mixed_precision)
     return {
         "config": {"vocab": vocab, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
                    "n_heads": cfg.model.n_heads, "batch": batch, "seq_len": seq_len, "steps": steps, "warmup": warmup,
@@ -250,6 +261,11 @@ def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup
         "parameters": engine_net.num_parameters(),
         "engine_tokens_per_s": engine,
         "baseline_tokens_per_s": base,
+        "flops_per_token": per_token,
+        "peak_flops": peak,  # None: a CPU or a GPU not in tdlm.studies.flops.PEAK_FLOPS
+        "engine_mfu": mfu(engine, per_token, peak),
+        "baseline_mfu": mfu(base, per_token, peak),
+        "compiled": compile,
         # paired: each turn's two sides ran back to back, so a change of load cancels out
         "ratio": statistics.median(pairs),
         "ratio_of_medians": engine / base,
@@ -265,13 +281,16 @@ def format_result(result: dict) -> str:
         f"batch {c['batch']} x {c['seq_len']}, {result['parameters']:,} parameters, on {result['device']} "
         f"(mixed precision: {result['mixed_precision']}; head: {result['fused_head']})",
         f"{c['repeats']} rounds of {c['steps']} timed steps (+{c['warmup']} warm-up) per side, "
-        f"taking turns every {c['chunk']} step(s)",
+        f"taking turns every {c['chunk']} step(s)" + ("; torch.compile on both" if result.get("compiled") else ""),
+        f"model FLOPs per token {result['flops_per_token']:,}; peak "
+        + (f"{result['peak_flops'] / 1e12:,.0f} TFLOP/s" if result["peak_flops"] else "unknown (MFU: unknown)"),
         "",
-        f"{'':<10}{'tokens/s (median)':>20}{'ms/step':>10}",
+        f"{'':<10}{'tokens/s (median)':>20}{'ms/step':>10}{'MFU':>9}",
     ]
     for side in ("engine", "baseline"):
-        rate = result[f"{side}_tokens_per_s"]
-        lines.append(f"{side:<10}{rate:>20,.0f}{1000 * c['batch'] * c['seq_len'] / rate:>10.1f}")
+        rate, share = result[f"{side}_tokens_per_s"], result[f"{side}_mfu"]
+        lines.append(f"{side:<10}{rate:>20,.0f}{1000 * c['batch'] * c['seq_len'] / rate:>10.1f}"
+                     f"{'unknown' if share is None else f'{100 * share:.1f}%':>9}")
     per_round = ", ".join(f"{f['ratio']:.3f}" for f in result["rounds"])
     lines.append(f"\nratio engine / baseline: {result['ratio']:.3f}   (median of {result['turns']} paired turns; "
                  f"ratio of the medians {result['ratio_of_medians']:.3f}; per round: {per_round})")

@@ -340,6 +340,26 @@ def subprocess_runner(args: list[str]) -> int:
     return code
 
 
+def new_outcome() -> dict[str, list[str]]:
+    return {"finished": [], "skipped": [], "failed": [], "stopped": []}
+
+
+def prepare_run(run: SweepRun, tag: str, outcome: dict, echo) -> list[str] | None:
+    """The `tdlm run` arguments that take `run` on from its status (None: finished, skipped);
+    a run that died before its first checkpoint is set aside first."""
+    status = run_status(run.run_dir)
+    if status == "finished":
+        echo(f"{tag} {run.name}: finished already, skipped")
+        outcome["skipped"].append(run.name)
+        return None
+    if status == "aborted":
+        moved = set_aside(run.run_dir)
+        echo(f"{tag} {run.name}: died before its first checkpoint; moved to {moved}, starting again")
+    args = run_arguments(run, resume=status == "stopped")
+    echo(f"{tag} {run.name}: tdlm run {shlex.join(args)}")
+    return args
+
+
 def run_sweep(runs: list[SweepRun], *, runner: Callable[[list[str]], int] | None = None,
               echo: Callable[[str], None] = print) -> dict[str, list[str]]:
     """Train the runs one after the other: skip finished ones, resume stopped ones.
@@ -349,18 +369,11 @@ def run_sweep(runs: list[SweepRun], *, runner: Callable[[list[str]], int] | None
     names; a failure is reported and the sweep goes on with the next run.
     """
     runner = runner or subprocess_runner
-    outcome = {"finished": [], "skipped": [], "failed": [], "stopped": []}
+    outcome = new_outcome()
     for i, run in enumerate(runs, 1):
-        status = run_status(run.run_dir)
-        if status == "finished":
-            echo(f"[{i}/{len(runs)}] {run.name}: finished already, skipped")
-            outcome["skipped"].append(run.name)
+        args = prepare_run(run, f"[{i}/{len(runs)}]", outcome, echo)
+        if args is None:
             continue
-        if status == "aborted":
-            moved = set_aside(run.run_dir)
-            echo(f"[{i}/{len(runs)}] {run.name}: died before its first checkpoint; moved to {moved}, starting again")
-        args = run_arguments(run, resume=status == "stopped")
-        echo(f"[{i}/{len(runs)}] {run.name}: tdlm run {shlex.join(args)}")
         try:
             code = runner(args)
         except SweepInterrupted:

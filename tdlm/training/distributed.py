@@ -7,6 +7,7 @@ recipe alone fixes the global batch, the data order and the noise of every step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -20,13 +21,17 @@ def using_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def using_fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def make_accelerator(mixed_precision: str):
     """An Accelerator for however this process was launched.
 
     Without a GPU, accelerate treats a torchrun/`accelerate launch` worker as a lone process
     unless told it is on CPU (each worker would then train alone and all of them would write
     one run directory); `cpu=True` makes it a MULTI_CPU (DDP over gloo) run instead.
-    DeepSpeed on CPU takes the gloo backend explicitly.
+    DeepSpeed on CPU takes the gloo backend explicitly. FSDP on CPU: see _fsdp_on_cpu.
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -42,7 +47,65 @@ def make_accelerator(mixed_precision: str):
         # without gloo named here, every DeepSpeed process on a CPU believes it is rank 0 of 1
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     cpu = multi_process_cpu and not using_deepspeed()
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers)
+    if multi_process_cpu and using_fsdp():
+        _fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """Make a multi-process CPU (gloo) run an FSDP one, as `accelerate launch` with an FSDP config
+    does on GPUs. accelerate 1.x turns FSDP on only for accelerator devices (in AcceleratorState,
+    the switch sits in the MULTI_GPU/NPU/XPU branch; a CPU run is MULTI_CPU and stays DDP), while
+    torch's fully_shard and distributed checkpointing work over gloo. So the distributed type is
+    set here, with the plugin accelerate would have built from the launcher's FSDP_* variables:
+    launch/cpu_fsdp.yaml then runs the same FSDP2 code path as launch/fsdp.yaml, on a laptop."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+
+
+def fsdp_version(accelerator) -> int:
+    """2 (or 1) when the run shards its parameters with FSDP, 0 when it does not."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return 0
+    return int(accelerator.state.fsdp_plugin.fsdp_version)
+
+
+@contextlib.contextmanager
+def gathered_parameters(model):
+    """The whole parameters of a sharded model while the block runs: evaluation and sampling call
+    `net.features` and `net.head_weight` directly (not LanguageModel.forward), and read the head's
+    weight outside any module's forward.
+
+    FSDP2 gathers a module's shards around that module's forward only, so the parameters the root
+    unit owns (embeddings, final norm, head) would stay sharded; the blocks, FSDP units of their
+    own, still gather around their forward. DeepSpeed ZeRO-3 leaves every parameter above its
+    persistence threshold (a GPT-2 head: 3.2M weights at d = 64) an empty placeholder outside a
+    forward: all are gathered. Any other model: nothing to do."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3's partitioned parameters
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        FSDPModule = ()
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 class StopAgreement:

@@ -13,7 +13,7 @@ import torch
 
 from tdlm.config import RecipeError, TrainingConfig
 from tdlm.model import annealed_attention
-from tdlm.training.distributed import configure_deepspeed, unwrap
+from tdlm.training.distributed import configure_deepspeed, fsdp_version, unwrap
 from tdlm.training.optim import build_optimizer, lr_at
 
 
@@ -47,6 +47,7 @@ class TrainStep:
         self.micro = training.micro_batch_size or per_rank
         if per_rank % self.micro:
             raise RecipeError(f"training.micro_batch_size ({self.micro}) must divide the per-process batch ({per_rank})")
+        self.fsdp = fsdp_version(accelerator)
         if training.compile:
             # the objectives call net.features (the head is applied where the loss is), so that is
             # what gets compiled; an attribute, so the state_dict keys stay the same
@@ -56,6 +57,12 @@ class TrainStep:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.net = unwrap(accelerator, self.model).net  # the module the wrapped forward runs
         self.grad_norm = torch.zeros(())
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the optimizer state is split between processes (DeepSpeed ZeRO, FSDP): then a
+        checkpoint keeps the engine's own state beside the full weights."""
+        return bool(self.deepspeed or self.fsdp)
 
     def __call__(self, step: int, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Train on `batch` (host memory) as global step `step`: the loss (on the device, no host

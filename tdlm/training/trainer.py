@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from tdlm.training import checkpointer as ckpt
 from tdlm.config import RecipeError, RunConfig, check_warmup, resolved_dict, to_toml
 from tdlm.data import load_corpus, train_stream
-from tdlm.training.distributed import StopAgreement, device_name, from_main, make_accelerator, unwrap
+from tdlm.training.distributed import StopAgreement, device_name, from_main, gathered_parameters, make_accelerator, unwrap
 from tdlm.data.manifest import ShardError
 from tdlm.data.record import check_record, data_record, write_record
 from tdlm.errors import DataError, RunError, RunInterrupted, TrainingDiverged, WriteError  # noqa: F401 - the CLI and tests import it from here
@@ -36,7 +36,12 @@ from tdlm.rundir import check_resume_config, claim_run_dir, vocab_info, with_man
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None):
+    def __init__(self, cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None,
+                 started: float | None = None):
+        # this session's seconds by phase (summary.json "timing"); `started`: when the command began
+        # (time.perf_counter()), so the start-up counts its imports and the recipe's checks
+        self.command_started = time.perf_counter() if started is None else started
+        self.phase_seconds = {"eval_s": 0.0, "save_s": 0.0, "final_scoring_s": 0.0}
         self.accelerator = make_accelerator(mixed_precision(cfg.training.mixed_precision))
         # shards fix the corpus and the tokenizer: the saved config (and a resume's check) say which
         warn = (lambda line: tqdm.write(line, file=sys.stderr)) if self.accelerator.is_main_process else None
@@ -87,7 +92,9 @@ class Trainer:
         self.model, self.optimizer, self.deepspeed = self.train_step.model, self.train_step.optimizer, self.train_step.deepspeed
         self.evaluator = Evaluator(cfg, self.corpus, acc, total_steps=self.total_steps,
                                    stop=lambda: self.stop_agreement.any(self.stop_requested))
-        self.checkpointer = ckpt.Checkpointer(self.run_dir, acc, deepspeed=self.deepspeed, every=self.tc.checkpoint_every)
+        # a sharded engine (DeepSpeed, FSDP) saves its own optimizer state beside the gathered weights
+        self.checkpointer = ckpt.Checkpointer(self.run_dir, acc, deepspeed=self.train_step.sharded,
+                                              every=self.tc.checkpoint_every)
         self.step = 0
         # totals over every session of the run (kept in the checkpoints): training time alone (no
         # eval, no saving; for tokens/s and MFU) and its steps, wall time, sessions
@@ -167,7 +174,12 @@ class Trainer:
             if self.stop_agreement.any(self._read_ahead() is not None):
                 raise self._data_damaged(saved=False)  # no step of this session is lost
             while self.step < self.total_steps:
-                loss, stats = self.run_step()
+                if "first_step_s" not in self.phase_seconds:  # torch.compile and lazy set-up land in it
+                    first = time.perf_counter()
+                    loss, stats = self.run_step()
+                    self.phase_seconds["first_step_s"] = time.perf_counter() - first
+                else:
+                    loss, stats = self.run_step()
                 self.window_loss += loss
                 for key, value in stats.items():  # summed on the device; read at the next log step
                     self.window_stats[key] = self.window_stats.get(key, 0) + value
@@ -269,8 +281,10 @@ class Trainer:
 
     def evaluate_and_sample(self) -> dict:
         """The periodic validation figure (logged; it decides `best`) and samples."""
+        began = time.perf_counter()
         model = unwrap(self.accelerator, self.model)
-        result = self.evaluator.validate(model)
+        with gathered_parameters(model):
+            result = self.evaluator.validate(model)
         if not math.isfinite(result["nll_per_token"]):  # NaN weights: nothing to sample or save
             raise self.checkpointer.diverged(f"the validation figure became {result['nll_per_token']} at step {self.step}")
         self.logger.log(self.step, _scalars(result), "val")
@@ -278,9 +292,11 @@ class Trainer:
                 for b in result.get("t_buckets", []) if b["masked_ce"] is not None}
         if by_t:
             self.logger.log(self.step, by_t, "val_by_t")
-        self.samples = self.sample_text(model)  # on every process: engines that shard weights need all in the forward
+        with gathered_parameters(model):  # on every process: engines that shard weights need all in the forward
+            self.samples = self.sample_text(model)
         for i, text in enumerate(self.samples):
             self.logger.text(self.step, f"sample/{i}", text)
+        self.phase_seconds["eval_s"] += time.perf_counter() - began
         return result
 
     def sample_text(self, model, num: int | None = None) -> list[str]:
@@ -300,7 +316,7 @@ class Trainer:
         """A full-weights checkpoint any single process can load (`tdlm eval`, `tdlm sample`), plus
         what resuming needs (the checkpointer writes it)."""
         self.check_run_dir()
-        acc, window = self.accelerator, None
+        acc, window, began = self.accelerator, None, time.perf_counter()
         if self.window_steps:  # stopped between log steps: the next session logs this window
             window = {"steps": self.window_steps, "seconds": self.window_seconds,
                       "loss_sum": acc.reduce(self.window_loss, reduction="mean").item(),
@@ -312,16 +328,21 @@ class Trainer:
                      "window": window, "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
                      "wall_seconds": self._wall_seconds(), "sessions": self.sessions,
                      "pointer_info": {"val_nll": self.evaluator.last.get("nll_per_token")}}
-            if not self.deepspeed:
+            if not self.train_step.sharded:
                 state["optimizer"] = self.optimizer.state_dict()
             return state
 
         best, self.evaluator.is_best = self.evaluator.is_best, False
         with self.signals.saving(self.step):  # a second signal waits for the checkpoint to be whole
             self.checkpointer.save(self.model, self.step, state, best=best)
+        self.phase_seconds["save_s"] += time.perf_counter() - began
 
     def engine_name(self) -> str:
-        return f"deepspeed-zero{self.deepspeed}" if self.deepspeed else "ddp" if self.accelerator.num_processes > 1 else "single"
+        if self.deepspeed:
+            return f"deepspeed-zero{self.deepspeed}"
+        if self.train_step.fsdp:
+            return f"fsdp{self.train_step.fsdp}"
+        return "ddp" if self.accelerator.num_processes > 1 else "single"
 
     def finish(self, status: str, bar) -> dict:
         """Score the best checkpoint on the full valid and test splits and write summary.json."""
@@ -336,6 +357,7 @@ class Trainer:
                    **self._throughput(), "sessions": self.sessions,
                    "wall_time_s": self._wall_seconds()}
         if status == "finished":
+            began = time.perf_counter()
             # the best weights, in a plain copy of the model on every process (the trained module
             # may be partitioned by ZeRO-3); processes share the scoring as in training
             model = build_model(self.cfg, self.components, self.vocab_info).model.to(acc.device)
@@ -356,6 +378,8 @@ class Trainer:
             if summary["status"] == "finished":
                 summary["samples"] = self.sample_text(model)
             summary["wall_time_s"] = self._wall_seconds()
+            self.phase_seconds["final_scoring_s"] = time.perf_counter() - began
+        summary["timing"] = self._timing()
         if acc.is_main_process:
             write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         acc.wait_for_everyone()
@@ -371,6 +395,15 @@ class Trainer:
         peak = peak_flops(acc.device, acc.mixed_precision)
         return {"train_tokens_per_s": rate, "train_seconds": seconds, "flops_per_token": per_token,
                 "mfu": mfu(rate, per_token, peak * acc.num_processes) if rate and peak else None}
+
+    def _timing(self) -> dict:
+        """This session's seconds by phase: start-up (imports, data and tokenizer cache, model build,
+        up to the first step), the first step alone (torch.compile's tracing lands there), the
+        periodic evaluations with their samples, checkpoint saves, the final scoring, and the whole
+        command so far. Training time is train_seconds (every session)."""
+        now = time.perf_counter()
+        return {"startup_s": self.started - self.command_started, **self.phase_seconds,
+                "command_s": now - self.command_started}
 
     def _wall_seconds(self) -> float:
         """Wall time of the run's sessions: each from the start of its loop to its last checkpoint
@@ -400,15 +433,16 @@ class Trainer:
     def _resume(self) -> None:
         acc = self.accelerator
         # last, or (when it cannot be read) the newest readable one; DeepSpeed reads its engine state instead
+        sharded = self.train_step.sharded
         path, state, weights, skipped = ckpt.readable_checkpoint(
-            self.run_dir, weights=not self.deepspeed, expected=unwrap(acc, self.model).state_dict())
+            self.run_dir, weights=not sharded, expected=unwrap(acc, self.model).state_dict())
         written_by = state.get("engine", "single")
-        if self.deepspeed or written_by.startswith("deepspeed"):
+        if sharded or written_by.startswith(("deepspeed", "fsdp")):
             if written_by != self.engine_name() or state.get("processes") != acc.num_processes:
                 raise RecipeError(
                     f"--resume: {path} was written by {state.get('processes')} process(es) with {written_by}; this run "
                     f"has {acc.num_processes} with {self.engine_name()}. DeepSpeed checkpoints resume only on the "
-                    "same engine and process count (their optimizer state is sharded per process); a plain run "
+                    "same engine and process count (their optimizer state is sharded per process; FSDP's too); a plain run "
                     "resumes on any number of processes. The weights load anywhere: tdlm eval / tdlm sample."
                 )
             acc.load_state(str(path / "engine"))
@@ -491,5 +525,6 @@ def _scalars(result: dict) -> dict:
     return {k: result[k] for k in keys if result.get(k) is not None}  # an unknown stderr is not logged
 
 
-def train(cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None) -> dict:
-    return Trainer(cfg, components, resume=resume, stop_at=stop_at).fit()
+def train(cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None,
+          started: float | None = None) -> dict:
+    return Trainer(cfg, components, resume=resume, stop_at=stop_at, started=started).fit()
