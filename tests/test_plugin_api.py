@@ -193,11 +193,11 @@ def test_the_diffusion_objective_needs_a_bound_and_the_ar_objective_does_not():
 
 
 def test_plugin_api_version_requirements():
-    assert tdlm.PLUGIN_API_VERSION == (1, 0)
-    for ok in (None, "1", "1.0", 1, (1, 0), " 1 "):
+    assert tdlm.PLUGIN_API_VERSION == (1, 1)
+    for ok in (None, "1", "1.0", "1.1", 1, (1, 0), " 1 "):
         assert plugin_api_problem(ok) is None, ok
     assert "needs tdlm plugin API 2" in plugin_api_problem("2")
-    assert "needs tdlm plugin API 1.1" in plugin_api_problem("1.1")  # a newer minor version than this tdlm's
+    assert "needs tdlm plugin API 1.2" in plugin_api_problem("1.2")  # a newer minor version than this tdlm's
     assert "is not a version" in plugin_api_problem("one")
 
 
