@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from tdlm.studies.report import Run, _count, _number, _pyplot, _save
+from tdlm.studies.report import Run, _count, _number, _pyplot, _save, twins
 
 C_CRIT_SCALE, C_CRIT_EXPONENT = 2.12e15, 2.174
 
@@ -92,16 +92,7 @@ def crossing(diffusion: Run, ar: Run) -> Crossing | None:
 
 def repetition_pairs(runs: list[Run]) -> list[tuple[Run, Run]]:
     """(diffusion, AR) twins with at least two periodic evaluations each, by unique tokens then size."""
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        if len(best_so_far(run)) >= 2:
-            groups.setdefault(run.key(), []).append(run)
-    found = []
-    for members in groups.values():
-        diffusion = [r for r in members if r.is_diffusion]
-        ar = [r for r in members if not r.is_diffusion]
-        if len(diffusion) == 1 and len(ar) == 1:
-            found.append((diffusion[0], ar[0]))
+    found = twins([run for run in runs if len(best_so_far(run)) >= 2])
     return sorted(found, key=lambda p: (p[0].train_tokens or 0, p[0].parameters or 0, p[0].name))
 
 

@@ -259,18 +259,24 @@ def csv_text(runs: list[Run]) -> str:
 
 
 # -- diffusion vs AR -------------------------------------------------------------------------
-def pairs(runs: list[Run], split: str) -> list[tuple[Run, Run]]:
-    """(diffusion, AR) twins: finished runs whose configs agree outside the objective's sections."""
+def twins(runs: list[Run]) -> list[tuple[Run, Run]]:
+    """(diffusion, AR) twins among `runs`: one run of each objective whose configs agree outside
+    the objective's sections (unsorted)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        if run.final(split):
-            groups.setdefault(run.key(), []).append(run)
+        groups.setdefault(run.key(), []).append(run)
     found = []
     for members in groups.values():
         diffusion = [r for r in members if r.is_diffusion]
         ar = [r for r in members if not r.is_diffusion]
         if len(diffusion) == 1 and len(ar) == 1:
             found.append((diffusion[0], ar[0]))
+    return found
+
+
+def pairs(runs: list[Run], split: str) -> list[tuple[Run, Run]]:
+    """Twins among the finished runs with final figures on `split`."""
+    found = twins([run for run in runs if run.final(split)])
     return sorted(found, key=lambda p: (p[0].epochs or 0, p[0].parameters or 0, p[0].name))
 
 
