@@ -422,16 +422,19 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
         path, weights = ckpt.read_checkpoint(run_dir, which, ckpt.read_weights)  # safe against a save in progress
     left_out, kept_initial = [], []
     # the network must be the run's, whole; the components' state only where they still have it
-    ckpt.check_fits(path / "model.safetensors", weights, built.model.state_dict(),
-                    must_match=lambda key: not overrides or key.startswith("net."))
+    def must_match(key: str) -> bool:
+        return not overrides or key.startswith("net.")
+
+    if exported:
+        check_exported_fits(run_dir, weights, built.model.state_dict(), must_match)
+    else:
+        ckpt.check_fits(path / "model.safetensors", weights, built.model.state_dict(), must_match=must_match)
     if overrides:
         own = built.model.state_dict()
         left_out = sorted(k for k in weights if k not in own and not k.startswith("net."))
         kept_initial = sorted(k for k in own if k not in weights and not k.startswith("net."))
         weights = {k: v for k, v in weights.items() if k not in left_out}
         built.model.load_state_dict({**{k: v for k, v in own.items() if k in kept_initial}, **weights})
-    elif exported:
-        load_exported_weights(built.model, weights, run_dir)
     else:
         built.model.load_state_dict(weights)
     built.model.to(device).eval()
@@ -449,17 +452,17 @@ def read_export(folder: Path, which: str):
     return exported
 
 
-def load_exported_weights(model, weights: dict, folder: Path) -> None:
-    """Load an exported folder's weights, a one-line RecipeError where they do not fit its recipe's model."""
-    own = model.state_dict()
-    missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+def check_exported_fits(folder: Path, weights: dict, own: dict, must_match=lambda key: True) -> None:
+    """A one-line RecipeError where an exported folder's weights do not fit the model its recipe
+    builds (state dict `own`); `must_match(key)`: the keys that must be present in both."""
+    missing = sorted(k for k in set(own) - set(weights) if must_match(k))
+    extra = sorted(k for k in set(weights) - set(own) if must_match(k))
     shapes = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
     if missing or extra or shapes:
         said = [f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
                 for what, keys in (("missing", missing), ("not in the model", extra), ("other shape", shapes)) if keys]
         raise RecipeError(f"{folder / 'model.safetensors'} does not fit the model its recipe builds "
                           f"({'; '.join(said)}); export the run again")
-    model.load_state_dict(weights)
 
 
 def exported_config(folder: Path, recipe: dict) -> RunConfig:

@@ -399,3 +399,18 @@ def test_push_offline_is_one_line_and_keeps_the_folder(exported, tmp_path):
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("tdlm: error: wrote") and "pushing it to me/tiny-ar failed" in line
     assert (tmp_path / "pushed" / "model.safetensors").is_file()
+
+
+def test_exported_weights_that_do_not_fit_their_recipe_are_refused_in_one_line(exported, pair_cache, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "edited"
+    shutil.copytree(exported["export-diffusion"], folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["net.ln_f.weight"] = weights["net.ln_f.weight"][:-1].clone()  # another width
+    save_file(weights, folder / "model.safetensors")
+    result = tdlm_cli("eval", folder)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert f"{folder / 'model.safetensors'} does not fit the model its recipe builds" in result.output
+    assert "other shape: net.ln_f.weight" in result.output and "export the run again" in result.output
