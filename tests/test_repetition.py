@@ -18,15 +18,16 @@ UNIQUE = 16_384  # 4 batches of 32 x 128 tokens: step s is epoch s / 4
 STEPS = (64, 128, 192, 256)
 
 
-def write_curve(run: Path, nlls: list[float], stderr: float = 0.01) -> None:
+def write_curve(run: Path, nlls: list[float], stderr: float | None = 0.01) -> None:
     records = []
     for step, nll in zip(STEPS, nlls):
         records.append({"step": step, "kind": "train", "loss": 7.0, "epoch": step * BATCH * SEQ_LEN / UNIQUE})
-        records.append({"step": step, "kind": "val", "nll_per_token": nll, "stderr": stderr})
+        records.append({"step": step, "kind": "val", "nll_per_token": nll,
+                        **({} if stderr is None else {"stderr": stderr})})  # unknown: not logged
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def pair(root: Path, diffusion: list[float], ar: list[float], stderr: float = 0.01) -> Path:
+def pair(root: Path, diffusion: list[float], ar: list[float], stderr: float | None = 0.01) -> Path:
     epochs = STEPS[-1] * BATCH * SEQ_LEN / UNIQUE
     write_curve(fabricate_run(root / "diffusion-u16k", objective="diffusion", epochs=epochs,
                               test_nll=min(diffusion)), diffusion, stderr)
@@ -52,6 +53,15 @@ def test_the_crossover_needs_two_standard_errors_below_ars_best(tmp_path):
     cross = crossing(diffusion, ar)
     assert cross is not None and cross.step == 256 and cross.epochs == 64
     assert cross.ar == 5.5 and cross.diffusion == 5.40 and cross.stderr == pytest.approx(math.hypot(0.02, 0.02))
+
+
+def test_an_unknown_standard_error_shows_no_crossover(tmp_path):
+    # one validation sequence: the trainer logs no stderr, and a 1.1-nat gap is still not "shown"
+    root = pair(tmp_path / "r", diffusion=[6.5, 5.6, 5.0, 4.4], ar=[5.5, 5.7, 6.1, 6.4], stderr=None)
+    runs = find_runs([root])
+    assert crossing(*repetition_pairs(runs)[0]) is None
+    table = "\n".join(repetition_lines(runs))
+    assert "none within the runs" in table and "| 5.500 ± ? (16) | 4.400 ± ? (64) |" in table
 
 
 def test_no_crossover_is_said_plainly(tmp_path):

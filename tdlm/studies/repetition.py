@@ -71,14 +71,25 @@ def best_so_far(run: Run) -> list[Point]:
         tokens = record["step"] * run.tokens_per_step
         points.append(Point(step=record["step"], epochs=tokens / unique if unique else math.nan,
                             flops=tokens * per_token if per_token else None, nll=record["nll_per_token"],
-                            best_nll=best["nll_per_token"], best_stderr=best.get("stderr") or 0.0,
+                            best_nll=best["nll_per_token"], best_stderr=_known(best.get("stderr")),
                             best_step=best["step"]))
     return points
 
 
+def _known(stderr: float | None) -> float:
+    """A logged standard error; NaN where it is unknown (one sequence scored: the trainer logs
+    none), so that no difference involving it counts as shown."""
+    return math.nan if stderr is None else stderr
+
+
+def _se(value: float) -> str:
+    return "?" if math.isnan(value) else f"{value:.3f}"
+
+
 def crossing(diffusion: Run, ar: Run) -> Crossing | None:
     """The first common evaluation step at which the diffusion bound so far is below AR's NLL so
-    far by more than two standard errors of the difference, or None."""
+    far by more than two standard errors of the difference, or None (never where a standard
+    error is unknown)."""
     ar_at = {p.step: p for p in best_so_far(ar)}
     for d in best_so_far(diffusion):
         a = ar_at.get(d.step)
@@ -128,8 +139,8 @@ def repetition_lines(runs: list[Run]) -> list[str]:
         unique = diffusion.train_tokens
         lines.append(
             f"| {diffusion.group_label or diffusion.name} | {_count(unique)} | {_count(diffusion.parameters)} "
-            f"| {_number(last.epochs)}, {_flops(last.flops)} | {a_best.nll:.3f} ± {a_best.best_stderr:.3f} "
-            f"({_number(a_best.epochs)}) | {d_best.nll:.3f} ± {d_best.best_stderr:.3f} ({_number(d_best.epochs)}) "
+            f"| {_number(last.epochs)}, {_flops(last.flops)} | {a_best.nll:.3f} ± {_se(a_best.best_stderr)} "
+            f"({_number(a_best.epochs)}) | {d_best.nll:.3f} ± {_se(d_best.best_stderr)} ({_number(d_best.epochs)}) "
             f"| {measured} | {_flops(c_crit(unique)) if unique else '-'} |")
     return lines + [""]
 
