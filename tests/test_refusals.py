@@ -99,6 +99,7 @@ def test_a_bit_flipped_in_a_token_cache_entry_is_seen_and_rebuilt(tmp_path, caps
     warning = [line for line in capsys.readouterr().err.splitlines() if "is damaged" in line]
     assert len(warning) == 1 and "checksum" in warning[0] and entry.name in warning[0]
     assert np.array_equal(first.splits["valid"], again.splits["valid"])
+    assert np.array_equal(np.load(entry), first.splits["valid"])  # the same name: the same tokens, kept
     load_corpus(cfg, cache_dir=tmp_path / "cache", progress=False)
     assert "is damaged" not in capsys.readouterr().err  # rebuilt on disk
 

@@ -98,9 +98,9 @@ def cached_tokens(
                             ends=document_ends(lines, documents))
     buffer = io.BytesIO()
     np.save(buffer, tokens)
+    # (every entry found was unusable and read_cached_tokens deleted it; this one may have the
+    # same name as a damaged one, rebuilt)
     write_atomically(folder / f"{entry}-{tokens_checksum(tokens)}.npy", buffer.getvalue())
-    for old in found:
-        old.unlink(missing_ok=True)
     return tokens
 
 
