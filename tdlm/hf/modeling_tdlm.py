@@ -21,8 +21,6 @@ tdlm's component state such as learned masking weights, unused here), loads as i
 Neither takes padding: every position of input_ids is attended to.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
