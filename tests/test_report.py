@@ -178,3 +178,10 @@ def test_close_tick_values_are_thinned_so_their_labels_do_not_overlap():
     assert spaced_ticks([1, 4, 16, 64]) == [1, 4, 16, 64]
     assert spaced_ticks([1_000_000, 1_050_000, 1_100_000, 2_000_000, 2_010_000]) == [1_000_000, 2_010_000]
     assert spaced_ticks([1, 1.1, 3, 9, 9.5]) == [1, 3, 9.5]
+
+
+def test_a_diffusion_run_named_after_its_ar_source_keeps_that_word_in_its_label(tmp_path):
+    fabricate_run(tmp_path / "r" / "quick_from_ar", objective="diffusion", epochs=2, test_nll=4.5)
+    fabricate_run(tmp_path / "r" / "quick_ar", objective="ar", epochs=2, test_nll=3.8)
+    labels = {r.name: r.group_label for r in find_runs([tmp_path / "r"])}
+    assert labels == {"quick_from_ar": "quick_from_ar", "quick_ar": "quick"}

@@ -31,7 +31,6 @@ Z95 = 1.96
 # objective: a diffusion run and its AR twin form one group (one shade in the plots: blue for
 # diffusion, red for AR, darker for later groups).
 OBJECTIVE_SECTIONS = ("run", "objective", "sampler", "schedule", "corruption")
-OBJECTIVE_WORD = re.compile(r"(^|[-_])(diffusion|ar)(?=$|[-_])")
 
 
 class ReportError(ValueError):
@@ -124,7 +123,8 @@ class Run:
     def group_label(self) -> str:
         """The run's name without the objective in it: diffusion-ep5 and ar-ep5 -> ep5 (and
         "" for runs named just diffusion or ar)."""
-        return OBJECTIVE_WORD.sub("", Path(self.name).name).strip("-_")
+        own_word = re.compile(rf"(^|[-_]){re.escape(self.objective)}(?=$|[-_])")  # "from_ar" stays in a diffusion run's name
+        return own_word.sub("", Path(self.name).name).strip("-_")
 
     @property
     def legend_label(self) -> str:
