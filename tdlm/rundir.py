@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from tdlm.components import VocabInfo
 from tdlm.config import (RecipeError, RunConfig, apply_overrides, flatten_table, format_validation_error, read_recipe,
-                         resolve_components, resolved_dict, to_toml)
+                         read_toml, resolve_components, resolved_dict, to_toml)
 from tdlm.data.locate import file_in_the_way, not_a_folder
 from tdlm.errors import RunError
 from tdlm.files import remove_temporaries, write_atomically
@@ -313,20 +313,33 @@ def read_run_config(run_dir: Path) -> RunConfig:
         raise RecipeError(f"{run_dir} is not a tdlm run directory (no config.json); runs live under runs/<name>")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(raw, dict):
-            raise ValueError("not a table of sections")
+        _check_saved_sections(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         copy = path.with_name("config.toml")
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         try:
+            _check_saved_sections(read_toml(copy, RecipeError, f"{copy} is missing"))
             cfg = read_recipe(copy)
-        except RecipeError:
+        except (RecipeError, ValueError):
             raise RecipeError(f"{path} is damaged ({why}) and its copy {copy} cannot be read either; the run's "
                               "settings are lost: restore config.json from a backup") from None
         print(f"tdlm: warning: {path} is damaged ({why}); read its copy {copy} instead (restore config.json: "
               f"tdlm rewrites it at the next --resume)", file=sys.stderr)
         return cfg
     return RunConfig.model_validate(raw)
+
+
+SAVED_SECTIONS = ("run", "data", "model", "objective", "training")
+
+
+def _check_saved_sections(raw) -> None:
+    """A saved config holds every section the trainer writes; an empty or cut-down one would
+    otherwise read as the default recipe, i.e. as some other run."""
+    if not isinstance(raw, dict):
+        raise ValueError("not a table of sections")
+    missing = [name for name in SAVED_SECTIONS if not isinstance(raw.get(name), dict)]
+    if missing:
+        raise ValueError(f"it lacks the section(s) {', '.join(missing)} that every saved config holds")
 
 
 LOAD_MAY_OVERRIDE = ("schedule.", "corruption.", "objective.", "sampler.", "eval.")

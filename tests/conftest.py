@@ -28,6 +28,19 @@ def single_thread():
 
 
 @pytest.fixture(scope="session")
+def gpt2_files():
+    """The GPT-2 tokenizer files, found the way tdlm finds them, or skip: a clean checkout without
+    the project's ../shared/data (and no hub) has none."""
+    from tdlm.data import DataConfig
+    from tdlm.data.locate import DataNotFoundError, find_gpt2_files
+
+    try:
+        return find_gpt2_files(DataConfig(tokenizer="gpt2"))
+    except DataNotFoundError:
+        pytest.skip("GPT-2 tokenizer files not found (set TDLM_DATA_DIR to the project's shared data)")
+
+
+@pytest.fixture(scope="session")
 def registry():
     return build_registry()
 

@@ -252,3 +252,18 @@ def test_every_command_fed_a_damaged_run_works_or_says_one_line(damage, trained_
         outcomes[command] = result.exit_code
     if damage in ("config.toml-missing", "summary.json-missing", "metrics.jsonl-empty"):
         assert outcomes["eval"] == outcomes["sample"] == 0  # damage that does not matter to them
+
+
+def test_a_saved_config_without_its_sections_is_damaged_not_the_default_recipe(trained_pair, tmp_path):
+    """An empty config.toml (or a `{}` config.json) would otherwise read as the default recipe,
+    i.e. as another run."""
+    from tdlm.config import RecipeError
+    from tdlm.rundir import read_run_config
+
+    run_dir = tmp_path / "diffusion"
+    shutil.copytree(trained_pair["diffusion"], run_dir)
+    (run_dir / "config.json").write_text("{}")
+    assert read_run_config(run_dir).data.dataset == "text"  # the copy in config.toml, with a warning
+    (run_dir / "config.toml").write_bytes(b"")
+    with pytest.raises(RecipeError, match="settings are lost"):
+        read_run_config(run_dir)

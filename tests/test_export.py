@@ -294,7 +294,7 @@ def test_the_model_options_are_those_the_exported_code_implements():
     assert set(MODEL_OPTIONS) <= set(inspect.signature(TdlmConfig.__init__).parameters)
 
 
-def test_the_gpt2_tokenizer_exports_with_its_ids_and_the_mask(tmp_path):
+def test_the_gpt2_tokenizer_exports_with_its_ids_and_the_mask(tmp_path, gpt2_files):
     from transformers import PreTrainedTokenizerFast
 
     from tdlm.data import DataConfig, load_vocab

@@ -139,7 +139,7 @@ def test_a_resume_loads_its_own_checkpoint_and_keeps_its_source(env, tmp_path):
     assert code == 2 and "training.init_from:" in output, output
 
 
-def test_fine_tuning_on_another_text_folder_with_a_tokenizer_that_does_not_depend_on_the_text(env, tmp_path):
+def test_fine_tuning_on_another_text_folder_with_a_tokenizer_that_does_not_depend_on_the_text(env, tmp_path, gpt2_files):
     """The GPT-2 tokenizer is the same on every text, so an AR model of one folder starts a
     diffusion model of another."""
     first, second = write_toy_corpus(tmp_path / "first", train_lines=120), write_toy_corpus(tmp_path / "second", seed=9,
