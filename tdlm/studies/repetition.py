@@ -182,6 +182,7 @@ def plot_repetition(runs: list[Run], path: Path) -> Path | None:
         top.set_xlabel("epochs")
         top.set_ylabel("validation nats / token")
         bottom.set_xscale("log")
+        bottom.xaxis.set_minor_formatter(NullFormatter())  # a span under a decade labels its minor ticks on top of each other
         bottom.set_xlabel("training FLOPs")
         bottom.set_ylabel("best validation nats / token so far")
         for ax in (top, bottom):
