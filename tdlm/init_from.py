@@ -203,12 +203,13 @@ def load_into(model, source: Source) -> None:
     network must be there with the same shape (one line naming each one that is not)."""
     import torch
 
+    from tdlm.training import checkpointer as ckpt
+
     weights = source.weights()
     own = {key: value for key, value in model.state_dict().items() if key.startswith("net.")}
-    problems = [f"{key} is {list(weights[key].shape)} there and {list(value.shape)} here"
-                for key, value in own.items() if key in weights and weights[key].shape != value.shape]
-    missing = [key for key in own if key not in weights]
-    extra = [key for key in weights if key not in own]
+    found = ckpt.compare_state(weights, own)
+    problems = [f"{key} is {theirs} there and {ours} here" for key, theirs, ours in found.shapes]
+    missing, extra = found.missing, found.extra
     if missing:
         problems.append(f"it lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
     if extra:

@@ -468,10 +468,11 @@ def read_export(folder: Path, which: str):
 def check_exported_fits(folder: Path, weights: dict, own: dict, must_match=lambda key: True) -> None:
     """A one-line RecipeError where an exported folder's weights do not fit the model its recipe
     builds (state dict `own`); `must_match(key)`: the keys that must be present in both."""
-    missing = sorted(k for k in set(own) - set(weights) if must_match(k))
-    extra = sorted(k for k in set(weights) - set(own) if must_match(k))
-    shapes = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
-    if missing or extra or shapes:
+    from tdlm.training import checkpointer as ckpt
+
+    found = ckpt.compare_state(weights, own, must_match)
+    missing, extra, shapes = sorted(found.missing), sorted(found.extra), sorted(k for k, *_ in found.shapes)
+    if found:
         said = [f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
                 for what, keys in (("missing", missing), ("not in the model", extra), ("other shape", shapes)) if keys]
         raise RecipeError(f"{folder / 'model.safetensors'} does not fit the model its recipe builds "

@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -326,18 +327,38 @@ def read_weights(path: Path) -> dict:
         raise _unreadable(file, exc) from exc
 
 
-def check_fits(file: Path, weights: dict, expected: dict, *, must_match=lambda key: True) -> None:
-    """CheckpointError naming the tensors when `weights` (read from `file`) do not fit a model
-    whose state dict (or its shapes) is `expected`: a checkpoint of another model size or
-    architecture, copied into this run. `must_match(key)`: the keys that must be present in
-    both (every key by default); a key present in both must always have the model's shape."""
+class StateMismatch(NamedTuple):
+    """How a set of tensors differs from a model's state dict: (key, their shape, the model's
+    shape) where both have the key, and the keys only one of them has."""
+
+    shapes: list[tuple[str, list[int], list[int]]]
+    missing: list[str]
+    extra: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.shapes or self.missing or self.extra)
+
+
+def compare_state(weights: dict, expected: dict, must_match=lambda key: True) -> StateMismatch:
+    """The one comparison of tensors against a model's state dict (or its shapes), for every
+    reader of weights (a checkpoint, an exported folder, training.init_from). `must_match(key)`:
+    the keys that must be present in both; a key present in both must always have the model's shape."""
     def shape(value) -> list[int]:
         return list(getattr(value, "shape", value))
 
-    wrong = [f"{k} {shape(v)} (the model's: {shape(expected[k])})"
-             for k, v in weights.items() if k in expected and shape(v) != shape(expected[k])]
-    wrong += [f"{k} missing" for k in expected if k not in weights and must_match(k)]
-    wrong += [f"{k} not in the model" for k in weights if k not in expected and must_match(k)]
+    return StateMismatch(
+        shapes=[(k, shape(weights[k]), shape(v)) for k, v in expected.items() if k in weights and shape(weights[k]) != shape(v)],
+        missing=[k for k in expected if k not in weights and must_match(k)],
+        extra=[k for k in weights if k not in expected and must_match(k)])
+
+
+def check_fits(file: Path, weights: dict, expected: dict, *, must_match=lambda key: True) -> None:
+    """CheckpointError naming the tensors when `weights` (read from `file`) do not fit a model
+    whose state dict (or its shapes) is `expected`: a checkpoint of another model size or
+    architecture, copied into this run (compare_state says which keys must match)."""
+    found = compare_state(weights, expected, must_match)
+    wrong = [f"{k} {theirs} (the model's: {ours})" for k, theirs, ours in found.shapes]
+    wrong += [f"{k} missing" for k in found.missing] + [f"{k} not in the model" for k in found.extra]
     if wrong:
         listed = ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
         run_dir = Path(file).parent.parent.parent
