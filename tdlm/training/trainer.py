@@ -174,12 +174,10 @@ class Trainer:
             if self.stop_agreement.any(self._read_ahead() is not None):
                 raise self._data_damaged(saved=False)  # no step of this session is lost
             while self.step < self.total_steps:
-                if "first_step_s" not in self.phase_seconds:  # torch.compile and lazy set-up land in it
-                    first = time.perf_counter()
-                    loss, stats = self.run_step()
-                    self.phase_seconds["first_step_s"] = time.perf_counter() - first
-                else:
-                    loss, stats = self.run_step()
+                began = time.perf_counter()
+                loss, stats = self.run_step()
+                # the session's first step alone: torch.compile and lazy set-up land in it
+                self.phase_seconds.setdefault("first_step_s", time.perf_counter() - began)
                 self.window_loss += loss
                 for key, value in stats.items():  # summed on the device; read at the next log step
                     self.window_stats[key] = self.window_stats.get(key, 0) + value
