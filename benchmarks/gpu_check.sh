@@ -18,7 +18,7 @@
 #       on the small recipe (engine vs plain, MFU), benchmarks/head_check.py, the seed's early-step scores, samplers
 #   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_check.sh # the same logic on a CPU, a few tiny steps each
 #
-# On a machine without network: put wheels of what is missing in .whl/ (see README, "GPU") and
+# On a machine without network: put wheels of what is missing in .whl/ (see docs/performance.md, "GPU notes (H200)") and
 # the data in $TDLM_DATA_DIR; the script installs the wheels and tdlm itself without an index.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -77,7 +77,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def accelerate_launch(config: str, args, env) -> str:
-    """`accelerate launch --config_file launch/CONFIG -m tdlm ARGS`, as the README says."""
+    """`accelerate launch --config_file launch/CONFIG -m tdlm ARGS`, as docs/scaling.md says."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                os.path.join(ROOT, "launch", config), "-m", "tdlm", *args]
     proc = subprocess.run(command, env={k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE")},

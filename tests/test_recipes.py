@@ -62,7 +62,7 @@ def test_a_research_recipe_is_the_tiny_baseline_with_another_corruption(name, co
 
 
 def test_the_long_quick_recipe_is_the_quick_one_larger_and_longer():
-    # the README compares it with the quick runs per token: the data, tokenizer, batch and
+    # docs/results.md compares it with the quick runs per token: the data, tokenizer, batch and
     # optimiser must stay the quick recipe's (the sample temperature may differ)
     quick = read_recipe(ROOT / "recipes/quick_wikitext2.toml").model_dump()
     long = read_recipe(ROOT / "recipes/quick_wikitext2_long.toml").model_dump()
