@@ -265,7 +265,7 @@ def nelbo(loaded, seed: int = 0) -> torch.Tensor:
 
 def test_load_run_scores_the_network_under_another_corruption_and_schedule(run_dir):
     own = load_run(run_dir)
-    assert own.overrides == {} and own.components["corruption"][0].name == "state-dependent"
+    assert own.overrides == {} and own.components["corruption"].component.name == "state-dependent"
     uniform = load_run(run_dir, overrides=["corruption.name=uniform"])
     assert type(uniform.built.model.objective.corruption) is UniformMasking
     assert uniform.overrides["corruption.name"] == ("state-dependent", "uniform")
@@ -291,7 +291,7 @@ def test_load_run_scores_the_network_under_another_corruption_and_schedule(run_d
 def test_a_corruption_brought_in_keeps_its_own_parameters_and_options(run_dir):
     # switching the corruption drops the old one's options (weights = "learned") for the new one's defaults
     cart = load_run(run_dir, overrides=["corruption.p=0.5", "corruption.name=cart"])
-    assert cart.components["corruption"][1].p == 0.5
+    assert cart.components["corruption"].config.p == 0.5
     # the run's own corruption with its own weights: nothing left out
     assert load_run(run_dir, overrides=["sampler.steps=3"]).left_out == []
 

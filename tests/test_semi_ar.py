@@ -79,7 +79,7 @@ def test_inner_options_are_validated_by_the_inner_config(registry):
         return resolve_components(cfg, registry)
 
     components = resolve({"name": "semi-ar", "block": 8, "inner": "threshold", "inner_options": {"tau": 0.7}})
-    options = components["sampler"][1]
+    options = components["sampler"].config
     assert options.inner_options == {"mode": "argmax", "temperature": 1.0, "tau": 0.7, "max_steps": 1024}
     with pytest.raises(RecipeError, match=r"sampler\.inner_options: unknown key 'stepz' \(did you mean 'steps'\?\)"):
         resolve({"name": "semi-ar", "inner_options": {"stepz": 3}})

@@ -132,8 +132,8 @@ def test_the_example_recipe_resolves_with_every_component_it_needs():
     """resolve_components also checks what the objective and sampler need of the corruption
     (the diffusion objective its bound, the ancestral sampler its reverse step)."""
     components = resolve_components(read_recipe(HERE / "recipe.toml"), registry_with_this_plugin())
-    assert components["corruption"][0].cls is FixedCountMasking
-    assert components["sampler"][0].name == "ancestral"
+    assert components["corruption"].component.cls is FixedCountMasking
+    assert components["sampler"].component.name == "ancestral"
 
 
 def test_the_installed_package_declares_the_entry_point():
