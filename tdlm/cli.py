@@ -127,10 +127,10 @@ def run(recipe, overrides, unset, resume, stop_at, check):
         click.echo(format_result(summary[split]))
     from tdlm.sampling.select import options_label
 
-    sampler, options = components["sampler"]
-    settings = options_label(options.model_dump(mode="json"))
+    sampler = components["sampler"]
+    settings = options_label(sampler.config.model_dump(mode="json"))
     for i, text in enumerate(summary.get("samples", [])[:1]):
-        click.echo(f"\nsample {i} ({sampler.name}: {settings}):\n{text}")
+        click.echo(f"\nsample {i} ({sampler.component.name}: {settings}):\n{text}")
 
 
 @cli.command("eval")

@@ -55,6 +55,7 @@ _HOME = {
     # errors a user can fix: the command line prints their message, one line, no traceback
     "TdlmError": "tdlm.errors",
     "PluginError": "tdlm.errors",
+    "ComponentRefused": "tdlm.errors",
     "RecipeError": "tdlm.config",
     # a component with an option naming another component (semi-ar's inner sampler)
     "validating_registry": "tdlm.registry",

@@ -62,8 +62,8 @@ class Component:
 
     def describe(self) -> str:
         """How messages name it: kind, name, class and the plugin that registered it."""
-        where = f"{getattr(self.cls, '__module__', '?')}.{getattr(self.cls, '__qualname__', self.cls)!s}"
-        return f"{self.kind} {self.name!r} ({where}, plugin {self.plugin!r}, package {self.package})"
+        where = f"{getattr(self.cls, '__module__', '?')}.{getattr(self.cls, '__qualname__', self.cls)}"
+        return f"{self.kind} {self.name!r} ({where}, plugin {self.plugin!r})"
 
 
 class ResolvedComponent(NamedTuple):
@@ -82,8 +82,9 @@ class Registry:
     )
     failed: dict[str, str] = field(default_factory=dict)  # plugin name -> error
     refused: dict[tuple[str, str], str] = field(default_factory=dict)
-    """(kind, name) -> why a component a plugin registered was not loaded (it does not fit this
-    tdlm's plugin API): a recipe naming it is told so."""
+    """(kind, name) -> why a component an installed plugin registered was not loaded (it, or
+    another of its plugin's, does not fit this tdlm's plugin API), in one line: a recipe naming
+    it is told so."""
 
     def add(self, component: Component) -> None:
         """Register `component`; a PluginError when its name is taken or it has no Config, a
@@ -115,7 +116,7 @@ class Registry:
         if name in known:
             return known[name]
         if (kind, name) in self.refused:
-            raise UnknownComponentError(f"{kind} {name!r} is installed but was not loaded: {self.refused[kind, name]}")
+            raise UnknownComponentError(self.refused[kind, name])
         message = f"unknown {kind} {name!r}; installed: {', '.join(sorted(known)) or 'none'}"
         close = difflib.get_close_matches(name, list(known), n=1)
         if close:
@@ -296,7 +297,7 @@ def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
     for plugin, entries in refused.items():
-        _skip_refused(registry, plugin, installed[plugin].name, entries)
+        _skip_refused(registry, plugin, getattr(installed[plugin], "name", "?"), entries)
     return registry
 
 
@@ -307,7 +308,8 @@ def _skip_refused(registry: Registry, plugin: str, dist: str, entries: list[tupl
     for kind, components in registry.components.items():
         for name in [name for name, c in components.items() if c.plugin == plugin]:
             del components[name]
-            registry.refused[kind, name] = f"its plugin {plugin!r} was skipped: {problem}"
+            registry.refused[kind, name] = (f"{kind} {name!r} was not loaded: its plugin {plugin!r} (package {dist}) "
+                                            f"was skipped because {problem}")
     for kind, name, message in entries:
         registry.refused[kind, name] = message
     registry.failed[plugin] = problem

@@ -51,14 +51,15 @@ def attribute_problems(base: type, cls: type) -> list[str]:
     """The declared attributes of `cls` that do not have their declared type, or whose promise (an
     option, an argument) the class does not keep."""
     problems = []
-    for name, kind in DECLARED[base].items():
+    for name, expected in DECLARED[base].items():
         value = getattr(cls, name, None)
-        if kind is tuple:
+        if expected is tuple:
             if not (isinstance(value, tuple) and all(isinstance(item, str) for item in value)):
                 problems.append(f"{name} = {value!r} is not a tuple of method names ({base.__name__}.{name}: "
                                 f"tuple[str, ...], e.g. {name} = (\"reverse_unmask_probs\",))")
-        elif not isinstance(value, kind):
-            problems.append(f"{name} = {value!r} is not a {kind.__name__} ({base.__name__}.{name}: {kind.__name__})")
+        elif not isinstance(value, expected):
+            problems.append(f"{name} = {value!r} is not a {expected.__name__} ({base.__name__}.{name}: "
+                            f"{expected.__name__})")
         elif name in OPTION_OF_CAPABILITY and value and OPTION_OF_CAPABILITY[name] not in cls.Config.model_fields:
             problems.append(f"it declares {name} = True, which promises an option "
                             f"{OPTION_OF_CAPABILITY[name]!r} in its Config, and its Config has none")
@@ -96,8 +97,7 @@ OLD_NELBO_TERMS = ("{name}{got} takes logits, and nelbo_terms receives a Denoise
 
 def _signature_problem(base: type, name: str, declared, override) -> str | None:
     expected = list(inspect.signature(declared).parameters.values())[1:]  # without self / cls
-    got_signature = inspect.signature(override)
-    got = list(got_signature.parameters.values())[1:]
+    got = list(inspect.signature(override).parameters.values())[1:]
     wanted = f"{base.__name__}.{name}{_shown(declared)}"
     shown = f"{name}{_shown(override)}"
     if name == "nelbo_terms" and got and got[0].name == "logits":

@@ -80,9 +80,9 @@ class Sampler:
         (`causal`). Override to refuse more, and call this one too."""
         if cls.causal == objective.causal:
             return None
-        kind, other = ("autoregressive", "masked-diffusion") if objective.causal else ("masked-diffusion",
-                                                                                      "autoregressive")
-        return (f"it is for {other} models and this run is a {kind} one; use one of its own samplers, e.g. "
+        kind, other = ("an autoregressive", "masked-diffusion") if objective.causal else ("a masked-diffusion",
+                                                                                         "autoregressive")
+        return (f"it is for {other} models and this run is {kind} one; use one of its own samplers, e.g. "
                 f"{objective.default_sampler!r}")
 
     def set_stop_at_eos(self) -> None:

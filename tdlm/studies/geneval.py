@@ -83,10 +83,10 @@ class GenEval:
             _, components = with_sampler(self.target.cfg, self.target.components, self.registry, name, options)
         except RecipeError as exc:
             raise GenEvalError(str(exc)) from None
-        component, config = components["sampler"]
-        objective = self.target.built.model.objective
-        return component.name, config, build_component(component.cls, config, objective=objective,
-                                                       vocab=self.target.built.vocab, context=objective.context)
+        sampler, objective = components["sampler"], self.target.built.model.objective
+        return sampler.component.name, sampler.config, build_component(
+            sampler.component.cls, sampler.config, objective=objective, vocab=self.target.built.vocab,
+            context=objective.context)
 
     def data_windows(self, num: int, length: int, split: str = "valid") -> torch.Tensor:
         """`num` held-out windows of `length` tokens, evenly spread over the split (no randomness)."""
