@@ -104,7 +104,7 @@ def test_tdlm_run_check_refuses_a_sampler_of_the_other_kind_in_one_line(tmp_path
 
 def test_semi_ar_refuses_what_its_inner_sampler_refuses():
     with pytest.raises(RecipeError, match=r"sampler 'semi-ar' \(tdlm\) cannot sample objective 'diffusion' \(tdlm\): "
-                                          r"it is for autoregressive models"):
+                                          r"its inner sampler 'ar': it is for autoregressive models"):
         resolve_components(recipe(sampler={"name": "semi-ar", "inner": "ar"}), build_registry())
 
 

@@ -76,9 +76,12 @@ class SemiAutoregressiveSampler(Sampler):
     @classmethod
     def objective_problem(cls, objective, config):
         """Refused where the inner sampler refuses the objective, as well as by the default rule."""
+        own = super().objective_problem(objective, config)
+        if own is not None:
+            return own
         inner = config._inner
-        return (super().objective_problem(objective, config)
-                or inner.component.cls.objective_problem(objective, inner.config))
+        why = inner.component.cls.objective_problem(objective, inner.config)
+        return None if why is None else f"its inner sampler {config.inner!r}: {why}"
 
     def __init__(self, config, *, objective, vocab, context=None):
         super().__init__(config, objective=objective, vocab=vocab, context=context)
