@@ -400,9 +400,9 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
     saved_cfg = cfg
     if overrides:
         cfg = override_config(cfg, list(overrides))
+        # first: the network itself cannot serve another attention, whatever sampler would go with it
+        check_same_attention(registry, saved_cfg, cfg, run_dir)
     components = resolve_components(cfg, registry)
-    if overrides:
-        check_same_attention(registry, saved_cfg, components["objective"].component, run_dir)
     if sampler is not None:
         from tdlm.sampling.select import with_sampler
 
@@ -485,18 +485,23 @@ def exported_config(folder: Path, recipe: dict) -> RunConfig:
                           f"{format_validation_error(exc, RunConfig)}") from None
 
 
-def check_same_attention(registry, saved_cfg: RunConfig, objective, run_dir: Path) -> None:
-    """Refuse an objective whose network attention (causal or bidirectional) is not the run's."""
+def check_same_attention(registry, saved_cfg: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse an objective (cfg's) whose network attention (causal or bidirectional) is not the run's
+    (saved_cfg's). An objective that is not installed is left to resolve_components to report."""
     from tdlm.registry import UnknownComponentError
 
     def attention(causal) -> str:
         return "causal" if causal else "bidirectional"
 
     try:
-        saved = bool(getattr(registry.get("objective", saved_cfg.objective.name).cls, "causal", False))
+        saved = registry.get("objective", saved_cfg.objective.name).cls.causal
     except UnknownComponentError as exc:
         raise RecipeError(f"the run's own objective is not installed: {exc}") from None
-    wanted = bool(getattr(objective.cls, "causal", False))
+    try:
+        objective = registry.get("objective", cfg.objective.name)
+    except UnknownComponentError:
+        return
+    wanted = objective.cls.causal
     if wanted != saved:
         raise RecipeError(f"objective {objective.name!r} needs a {attention(wanted)} network and {run_dir} trained a "
                           f"{attention(saved)} one (objective {saved_cfg.objective.name!r}); score it with an "
