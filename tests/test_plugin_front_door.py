@@ -79,9 +79,10 @@ def test_the_builtins_import_tdlm_only_through_the_front_door():
         assert all(m == "tdlm.plugin" or m.startswith("tdlm.builtins.") for m in modules), (path, modules)
 
 
-NOT_FROM_THE_INTERFACES = (  # higher layers, and the parts of the components layer built on the interfaces"tdlm.cli", "tdlm.rundir", "tdlm.studies", "tdlm.export", "tdlm.init_from", "tdlm.training",
-                 "tdlm.sampling", "tdlm.evaluate", "tdlm.plugin", "tdlm.builtins", "tdlm.registry", "tdlm.config",
-                 "tdlm.lm")
+# the higher layers, and the parts of the components layer built on the interfaces
+NOT_FROM_THE_INTERFACES = ("tdlm.cli", "tdlm.rundir", "tdlm.studies", "tdlm.export", "tdlm.init_from", "tdlm.training",
+                           "tdlm.sampling", "tdlm.evaluate", "tdlm.plugin", "tdlm.builtins", "tdlm.registry",
+                           "tdlm.config", "tdlm.lm")
 
 
 def test_the_components_layer_imports_nothing_above_it():
