@@ -66,20 +66,16 @@ def default_sweep(fields: set[str], steps: list[int], draft: str | None) -> list
     return [{**base, "steps": s} for s in steps] if "steps" in fields else [base]
 
 
-def for_autoregressive(name: str) -> bool:
-    """Samplers of causal models are named `ar` or `ar-...`; every other one needs a denoiser."""
-    return name == "ar" or name.startswith("ar-")
-
-
 def plan(evaluator: GenEval, names: list[str] | None, steps: list[int], length: int,
          draft: str | None) -> tuple[list[tuple[str, dict]], list[str]]:
     """(sampler, options) to run, and notes on what was skipped and why."""
     registry, causal = evaluator.registry, evaluator.causal
     todo, notes = [], []
     for name in names or registry.names("sampler"):
-        if names is None and for_autoregressive(name) != causal:
+        component = registry.get("sampler", name)
+        if names is None and component.cls.causal != causal:  # what the sampler declares it drives
             continue
-        fields = set(registry.get("sampler", name).config_cls.model_fields)
+        fields = set(component.config_cls.model_fields)
         sweep = SWEEPS[name](steps, length, draft) if name in SWEEPS else default_sweep(fields, steps, draft)
         for options in sweep:
             unknown = set(options) - fields

@@ -127,10 +127,10 @@ def run(recipe, overrides, unset, resume, stop_at, check):
         click.echo(format_result(summary[split]))
     from tdlm.sampling.select import options_label
 
-    sampler, options = components["sampler"]
-    settings = options_label(options.model_dump(mode="json"))
+    sampler = components["sampler"]
+    settings = options_label(sampler.config.model_dump(mode="json"))
     for i, text in enumerate(summary.get("samples", [])[:1]):
-        click.echo(f"\nsample {i} ({sampler.name}: {settings}):\n{text}")
+        click.echo(f"\nsample {i} ({sampler.component.name}: {settings}):\n{text}")
 
 
 @cli.command("eval")
@@ -178,8 +178,8 @@ def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, t_s
         click.echo(f"tdlm: not used under these components: {', '.join(loaded.left_out)}", err=True)
     cfg, corpus = loaded.cfg, loaded.corpus
     objective = loaded.built.model.objective
-    if t_schedule is not None and "eval_schedule" in type(objective).Config.model_fields:
-        objective.config = objective.config.model_copy(update={"eval_schedule": t_schedule})
+    if t_schedule is not None:
+        objective.set_eval_schedule(t_schedule)  # an objective that draws no t (AR) ignores it
     if source is not None:
         texts = (str(held_out_file(source)),)
     streams = [(f"text:{Path(f).name}", f, text_file_tokens(f, corpus.vocab, documents=cfg.data.documents))
@@ -289,10 +289,7 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
     device = _device(device)
     _check_seed(seed)
     sampler_choice = (sampler, _sampler_options(options)) if sampler or options else None
-    loaded = _load_run(run_dir, which=which, device=device, sampler=sampler_choice)
-    from tdlm.rundir import check_sampler_fits
-
-    check_sampler_fits(loaded.components["sampler"][0], loaded.components["objective"][0])
+    loaded = _load_run(run_dir, which=which, device=device, sampler=sampler_choice)  # the sampler fits the run
     vocab, cfg, built_sampler = loaded.corpus.vocab, loaded.cfg, loaded.built.sampler
     if stop_at_eos:
         from tdlm.rundir import vocab_info
@@ -301,8 +298,8 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
             _fail(f"--stop-at-eos: the model in {run_dir} never saw an end-of-text token in training (data.documents = "
                   f"{cfg.data.documents!r} and the text holds no <|endoftext|>), so it cannot know where a text ends; "
                   "train with data.documents = 'wikitext-titles' (WikiText) or 'blank-lines' (a text folder)")
-    if stop_at_eos and "stop_at_eos" in type(built_sampler).Config.model_fields:  # e.g. ar: fewer calls
-        built_sampler.config = built_sampler.config.model_copy(update={"stop_at_eos": True})
+    if stop_at_eos:
+        built_sampler.set_stop_at_eos()  # a sampler that supports it saves calls (ar)
     ids = _canvas_ids(vocab, prompt=prompt, template=template, length=length, seq_len=cfg.data.seq_len)
     canvas = torch.tensor(ids, dtype=torch.long).expand(num, -1).contiguous()
     if trace is not None:
@@ -310,7 +307,7 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
     generator = torch.Generator(device=device).manual_seed(seed)
     made = generate(loaded.built.model.net, built_sampler, canvas, generator, vocab, stop_at_eos=stop_at_eos)
     (out,) = made.outputs
-    name = loaded.components["sampler"][0].name
+    name = loaded.components["sampler"].component.name
     if trace is not None:
         from tdlm.sampling.trace import draw_trace
 

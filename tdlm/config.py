@@ -316,9 +316,12 @@ def read_recipe(path: str | Path, overrides: list[str] = (), unset: list[str] = 
     return cfg
 
 
-def resolve_components(cfg: RunConfig, registry) -> dict[str, tuple[Any, BaseModel]]:
-    """kind -> (registered Component, its validated Config), checking every section."""
-    from tdlm.registry import UnknownComponentError
+def resolve_components(cfg: RunConfig, registry) -> dict:
+    """kind -> ResolvedComponent(component, config): each section's registered Component and its
+    validated Config, once checked that the components fit each other (what each needs of the
+    others, the sampler's objective, the attention options). Every problem of every section is
+    reported together, one RecipeError, before any work starts."""
+    from tdlm.registry import ResolvedComponent, UnknownComponentError
 
     resolved, problems = {}, []
     for kind in COMPONENT_SECTIONS:
@@ -327,7 +330,7 @@ def resolve_components(cfg: RunConfig, registry) -> dict[str, tuple[Any, BaseMod
             objective = resolved.get("objective")
             if objective is None:
                 continue
-            section = ComponentSection(name=objective[0].cls.default_sampler)
+            section = ComponentSection(name=objective.component.cls.default_sampler)
         try:
             component = registry.get(kind, section.name)
             # the registry goes along as validation context: an option naming another component
@@ -345,22 +348,35 @@ def resolve_components(cfg: RunConfig, registry) -> dict[str, tuple[Any, BaseMod
                             + " ".join(f"--unset {key}" for key in extra) + ")")
             problems.append(message)
             continue
-        resolved[kind] = (component, options)
+        resolved[kind] = ResolvedComponent(component, options)
     if problems:
         raise RecipeError("; ".join(problems))
-    problems = unmet_requirements(resolved) + attention_conflicts(cfg, resolved)
+    problems = unmet_requirements(resolved) + objective_refusals(resolved) + attention_conflicts(cfg, resolved)
     if problems:
         raise RecipeError("; ".join(problems))
     return resolved
 
 
-def attention_conflicts(cfg: RunConfig, resolved: dict[str, tuple[Any, BaseModel]]) -> list[str]:
+def objective_refusals(resolved: dict) -> list[str]:
+    """The sampler's refusal of the objective (`Sampler.objective_problem`: by default, one of the
+    other kind of network), one line naming both: it would run and write meaningless text."""
+    sampler, objective = resolved.get("sampler"), resolved.get("objective")
+    if sampler is None or objective is None:
+        return []
+    why = sampler.component.cls.objective_problem(objective.component.cls, sampler.config)
+    if why is None:
+        return []
+    return [f"sampler {sampler.component.name!r} ({_origin(sampler.component)}) cannot sample objective "
+            f"{objective.component.name!r} ({_origin(objective.component)}): {why}"]
+
+
+def attention_conflicts(cfg: RunConfig, resolved: dict) -> list[str]:
     """The AR -> diffusion adaptation options are for a bidirectional network: a causal objective
     already predicts the next token from a shifted input, and its attention is causal throughout."""
     objective = resolved.get("objective")
-    if objective is None or not getattr(objective[0].cls, "causal", False):
+    if objective is None or not objective.component.cls.causal:
         return []
-    name = objective[0].name
+    name = objective.component.name
     problems = []
     if cfg.model.shift_logits:
         problems.append(f"model.shift_logits is for a diffusion objective; objective {name!r} is causal and shifts its "
@@ -371,7 +387,7 @@ def attention_conflicts(cfg: RunConfig, resolved: dict[str, tuple[Any, BaseModel
     return problems
 
 
-def unmet_requirements(resolved: dict[str, tuple[Any, BaseModel]]) -> list[str]:
+def unmet_requirements(resolved: dict) -> list[str]:
     """What each resolved component needs of the others (its class's `requirements(config)`, from
     `needs_corruption` and the like) and they do not implement (tdlm.components.implements): one
     line each, naming the method, the component that needs it and the one that lacks it."""
@@ -387,7 +403,7 @@ def unmet_requirements(resolved: dict[str, tuple[Any, BaseModel]]) -> list[str]:
                 continue
             if other_kind not in resolved:
                 continue
-            other = resolved[other_kind][0]
+            other = resolved[other_kind].component
             for method in methods:
                 if not implements(other.cls, method):
                     problems.append(
@@ -410,8 +426,8 @@ def _origin(component) -> str:
 def resolved_dict(cfg: RunConfig, components: dict) -> dict:
     """The full config with every default filled in, component options included."""
     raw = cfg.model_dump(mode="json", exclude={"sampler"})
-    for kind, (component, options) in components.items():
-        raw[kind] = {"name": component.name, **options.model_dump(mode="json")}
+    for kind, resolved in components.items():
+        raw[kind] = {"name": resolved.component.name, **resolved.config.model_dump(mode="json")}
     return raw
 
 

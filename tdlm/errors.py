@@ -11,6 +11,18 @@ class TdlmError(Exception):
     """A problem with what the user asked for: a recipe, a run directory, a command-line value."""
 
 
+class PluginError(TdlmError):
+    """A plugin could not be loaded or registered something invalid (tdlm.registry): a duplicate
+    name, a component without a Config, a hook that raised."""
+
+
+class ComponentRefused(PluginError):
+    """A registered component class does not fit this tdlm's plugin API (tdlm.components.fit): not
+    a subclass of its kind's base class, a declared attribute of the wrong type, a method whose
+    signature is not the base class's. The message names what changed and the section of
+    docs/plugins.md that says how to update."""
+
+
 class RunError(TdlmError):
     """A run directory that cannot be used as asked: in use by another process, a resume that
     would train something else than the saved run, a --stop-at the run cannot honour."""

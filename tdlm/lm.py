@@ -8,6 +8,7 @@ corruption's learnable parameters (if any) are trained and saved with the networ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,19 +34,23 @@ class Built:
     vocab: VocabInfo
 
 
-def build_model(cfg: RunConfig, components: dict, vocab: VocabInfo) -> Built:
-    """Instantiate schedule -> corruption -> objective -> network -> sampler, in that order; the
-    corruption, objective and sampler get the model's RunContext (seq_len, vocab)."""
-    (schedule_c, schedule_opts) = components["schedule"]
-    (corruption_c, corruption_opts) = components["corruption"]
-    (objective_c, objective_opts) = components["objective"]
-    (sampler_c, sampler_opts) = components["sampler"]
-    context = RunContext(seq_len=cfg.data.seq_len, vocab=vocab)
-    schedule = schedule_c.cls(schedule_opts)
-    corruption = build_component(corruption_c.cls, corruption_opts, schedule=schedule, vocab=vocab, context=context)
-    objective = build_component(objective_c.cls, objective_opts, corruption=corruption, vocab=vocab, context=context)
+def build_model(cfg: RunConfig, components: dict, vocab: VocabInfo, *,
+                load_draft: Callable | None = None) -> Built:
+    """Instantiate schedule -> corruption -> objective -> network -> sampler, in that order, from
+    the resolved components (tdlm.config.resolve_components); the corruption, objective and
+    sampler get the model's RunContext (seq_len, vocab, and `load_draft`: how to read another
+    run's network, which whoever reads run directories passes, e.g. tdlm.rundir.load_draft)."""
+    context = RunContext(seq_len=cfg.data.seq_len, vocab=vocab, load_draft=load_draft)
+
+    def build(kind: str, **parts):
+        resolved = components[kind]
+        return build_component(resolved.component.cls, resolved.config, vocab=vocab, context=context, **parts)
+
+    schedule = components["schedule"].component.cls(components["schedule"].config)  # a schedule takes its config only
+    corruption = build("corruption", schedule=schedule)
+    objective = build("objective", corruption=corruption)
     net = _build_net(cfg, vocab, objective.causal)
-    sampler = build_component(sampler_c.cls, sampler_opts, objective=objective, vocab=vocab, context=context)
+    sampler = build("sampler", objective=objective)
     return Built(LanguageModel(net, objective), sampler, vocab)
 
 

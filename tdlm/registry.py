@@ -15,10 +15,12 @@ import importlib.metadata
 import sys
 import warnings
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import pluggy
 
 from tdlm import PLUGIN_API_VERSION, __version__, hookspecs
+from tdlm.errors import ComponentRefused, PluginError
 
 ENTRY_POINT_GROUP = "tdlm"
 KINDS = ("schedule", "corruption", "objective", "sampler")
@@ -40,10 +42,6 @@ BUILTIN_PLUGINS = (
 )
 
 
-class PluginError(Exception):
-    """A plugin could not be loaded or registered something invalid."""
-
-
 class UnknownComponentError(KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
@@ -62,6 +60,18 @@ class Component:
     def config_cls(self) -> type:
         return self.cls.Config
 
+    def describe(self) -> str:
+        """How messages name it: kind, name, class and the plugin that registered it."""
+        where = f"{getattr(self.cls, '__module__', '?')}.{getattr(self.cls, '__qualname__', self.cls)}"
+        return f"{self.kind} {self.name!r} ({where}, plugin {self.plugin!r})"
+
+
+class ResolvedComponent(NamedTuple):
+    """What a recipe section resolved to: the registered component and its validated options."""
+
+    component: Component
+    config: Any  # an instance of component.cls.Config
+
 
 @dataclass
 class Registry:
@@ -71,8 +81,14 @@ class Registry:
         default_factory=lambda: {kind: {} for kind in KINDS}
     )
     failed: dict[str, str] = field(default_factory=dict)  # plugin name -> error
+    refused: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(kind, name) -> why a component an installed plugin registered was not loaded (it, or
+    another of its plugin's, does not fit this tdlm's plugin API), in one line: a recipe naming
+    it is told so."""
 
     def add(self, component: Component) -> None:
+        """Register `component`; a PluginError when its name is taken or it has no Config, a
+        ComponentRefused when its class does not fit this tdlm's plugin API (tdlm.components.fit)."""
         if component.kind not in KINDS:
             raise PluginError(f"unknown component kind {component.kind!r}")
         config_cls = getattr(component.cls, "Config", None)
@@ -81,6 +97,11 @@ class Registry:
                 f"{component.kind} {component.name!r} from plugin {component.plugin!r} has no "
                 "nested pydantic `Config` class; every component must declare one (it may be empty)"
             )
+        from tdlm.components.fit import fit_problem  # torch: imported once components are registered
+
+        problem = fit_problem(component.kind, component.cls)
+        if problem is not None:
+            raise ComponentRefused(f"{component.describe()}: {problem}")
         existing = self.components[component.kind].get(component.name)
         if existing is not None:
             raise PluginError(
@@ -94,6 +115,8 @@ class Registry:
         known = self.components[kind]
         if name in known:
             return known[name]
+        if (kind, name) in self.refused:
+            raise UnknownComponentError(self.refused[kind, name])
         message = f"unknown {kind} {name!r}; installed: {', '.join(sorted(known)) or 'none'}"
         close = difflib.get_close_matches(name, list(known), n=1)
         if close:
@@ -109,6 +132,17 @@ class Registry:
 
     def all(self) -> list[Component]:
         return [c for kind in KINDS for c in sorted(self.components[kind].values(), key=lambda c: c.name)]
+
+
+def validating_registry(info) -> Registry:
+    """The registry a component's Config is being validated against: the caller passes it as
+    validation context, `Config.model_validate(options, context={"registry": registry})` (as
+    tdlm.config.resolve_components does), so that an option naming another component (semi-ar's
+    inner sampler) is looked up among the recipe's own plugins. `info` is pydantic's
+    ValidationInfo. Validated without one (a Config built in code), it is the registry of the
+    built-ins and the installed plugins."""
+    registry = (info.context or {}).get("registry")
+    return registry if registry is not None else build_registry()
 
 
 def get_plugin_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
@@ -229,15 +263,28 @@ def _origin(pm: pluggy.PluginManager, plugin_name: str) -> tuple[str, str]:
 
 
 def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
-    """Call every plugin's hooks one plugin at a time, so each component knows who registered it."""
+    """Call every plugin's hooks one plugin at a time, so each component knows who registered it.
+
+    A component whose class does not fit this tdlm's plugin API (tdlm.components.fit) is a
+    ComponentRefused for a plugin registered in code (a test, the built-ins); an installed package
+    with one is skipped whole, with a warning naming the problem, as one that fails to import is:
+    `Registry.failed` keeps the reason and a recipe naming any of its components is told it.
+    """
     pm = pm or get_plugin_manager()
     registry = Registry(failed=dict(getattr(pm, "failed_plugins", {})))
+    installed = getattr(pm, "plugin_distinfo", {})
+    refused: dict[str, list[tuple[str, str, str]]] = {}  # installed plugin -> (kind, name, problem) per component
     for kind, hook_name in _HOOK_OF_KIND.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             package, version = _origin(pm, impl.plugin_name)
 
             def register(name: str, cls: type, *, _impl=impl, _kind=kind, _pkg=package, _ver=version):
-                registry.add(Component(_kind, name, cls, _impl.plugin_name, _pkg, _ver))
+                try:
+                    registry.add(Component(_kind, name, cls, _impl.plugin_name, _pkg, _ver))
+                except ComponentRefused as exc:
+                    if _impl.plugin_name not in installed:
+                        raise
+                    refused.setdefault(_impl.plugin_name, []).append((_kind, name, str(exc)))
 
             try:
                 with contextlib.redirect_stdout(sys.stderr):  # stdout is the command's (--json)
@@ -249,4 +296,22 @@ def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
                     f"plugin {impl.plugin_name!r} ({package}) failed in {hook_name}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
+    for plugin, entries in refused.items():
+        _skip_refused(registry, plugin, getattr(installed[plugin], "name", "?"), entries)
     return registry
+
+
+def _skip_refused(registry: Registry, plugin: str, dist: str, entries: list[tuple[str, str, str]]) -> None:
+    """Take every component of an installed plugin out of the registry, because one of them does
+    not fit this tdlm: a plugin is loaded whole or not at all. Warn once, naming the problem."""
+    problem = entries[0][2]
+    for kind, components in registry.components.items():
+        for name in [name for name, c in components.items() if c.plugin == plugin]:
+            del components[name]
+            registry.refused[kind, name] = (f"{kind} {name!r} was not loaded: its plugin {plugin!r} (package {dist}) "
+                                            f"was skipped because {problem}")
+    for kind, name, message in entries:
+        registry.refused[kind, name] = message
+    registry.failed[plugin] = problem
+    warnings.warn(f"tdlm plugin {plugin!r} (package {dist}) was skipped: {problem}. Update it for this tdlm, or "
+                  f"uninstall it (`pip uninstall {dist}`).", stacklevel=3)

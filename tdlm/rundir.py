@@ -79,7 +79,7 @@ def write_run_files(run_dir: Path, cfg: RunConfig, components: dict) -> None:
     environment = environment_info()
     environment["components"] = {  # which package (and version) provided each component
         kind: {"name": c.name, "plugin": c.plugin, "package": c.package, "version": c.version}
-        for kind, (c, _) in components.items()
+        for kind, c in ((kind, resolved.component) for kind, resolved in components.items())
     }
     write_atomically(run_dir / "environment.json", json.dumps(environment, indent=2))
 
@@ -273,25 +273,6 @@ def _show(value) -> str:
     return value if value is MISSING else json.dumps(value)
 
 
-def samples_causal(sampler) -> bool:
-    """Whether a sampler drives a causal (autoregressive) network. A sampler class may say so in a
-    `causal` attribute; otherwise its name does: `ar` and `ar-...` are for causal models, every
-    other sampler needs a masked-diffusion denoiser."""
-    declared = getattr(sampler.cls, "causal", None)
-    return declared if declared is not None else sampler.name == "ar" or sampler.name.startswith("ar-")
-
-
-def check_sampler_fits(sampler, objective) -> None:
-    """Refuse a sampler of the other objective (registered components): it would run, and write
-    meaningless text. The one check of `tdlm sample` and `tdlm gen-eval`."""
-    causal = bool(getattr(objective.cls, "causal", False))
-    if samples_causal(sampler) != causal:
-        kind, other = ("autoregressive", "masked-diffusion") if causal else ("masked-diffusion", "autoregressive")
-        raise RecipeError(f"sampler {sampler.name!r} is for {other} models and this run is a {kind} one "
-                          f"(objective {objective.name!r}); use one of its own samplers, e.g. "
-                          f"{objective.cls.default_sampler!r}")
-
-
 # -- loading a run back ------------------------------------------------------------------------
 def with_manifest(cfg: RunConfig, warn=None) -> RunConfig:
     """`cfg` with the corpus and tokenizer of its shards' manifest (format='webdataset'): what the
@@ -419,16 +400,16 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
     saved_cfg = cfg
     if overrides:
         cfg = override_config(cfg, list(overrides))
+        # first: the network itself cannot serve another attention, whatever sampler would go with it
+        check_same_attention(registry, saved_cfg, cfg, run_dir)
     components = resolve_components(cfg, registry)
-    if overrides:
-        check_same_attention(registry, saved_cfg, components["objective"][0], run_dir)
     if sampler is not None:
         from tdlm.sampling.select import with_sampler
 
         cfg, components = with_sampler(cfg, components, registry, *sampler)
     corpus = load_corpus(cfg.data, progress=progress)
     check_record(run_dir, corpus, cfg.data, action=action, recorded=exported.data if exported else None)
-    built = build_model(cfg, components, vocab_info(corpus))
+    built = build_model(cfg, components, vocab_info(corpus), load_draft=load_draft)
     if exported:
         path, weights = run_dir / WEIGHTS_FILE, exported.state_dict
     else:
@@ -453,6 +434,22 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
     built.model.to(device).eval()
     changes = config_changes(saved_cfg.model_dump(mode="json"), resolved_dict(cfg, components)) if overrides else {}
     return LoadedRun(run_dir, cfg, components, corpus, built, path, changes, left_out, kept_initial)
+
+
+def load_draft(run_dir: str | Path, *, which: str = "best", device="cpu"):
+    """The network of a trained diffusion run (checkpoint `which`), in eval mode on `device`: a
+    speculative sampler's draft (tdlm.components.draft.Draft). Samplers reach it through their
+    RunContext (`load_run` and the trainer hand it to the components they build), never by
+    importing this module."""
+    from tdlm.components.draft import Draft, DraftError
+
+    loaded = load_run(run_dir, which=which, device=device)
+    if loaded.built.model.objective.causal:
+        raise DraftError(
+            f"draft run {run_dir} is a causal (autoregressive) model; a draft must be a masked-diffusion "
+            "run, whose network predicts every masked position of a canvas"
+        )
+    return Draft(loaded.built.model.net.eval(), loaded.built.vocab, Path(run_dir), loaded.checkpoint)
 
 
 def read_export(folder: Path, which: str):
@@ -488,18 +485,23 @@ def exported_config(folder: Path, recipe: dict) -> RunConfig:
                           f"{format_validation_error(exc, RunConfig)}") from None
 
 
-def check_same_attention(registry, saved_cfg: RunConfig, objective, run_dir: Path) -> None:
-    """Refuse an objective whose network attention (causal or bidirectional) is not the run's."""
+def check_same_attention(registry, saved_cfg: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse an objective (cfg's) whose network attention (causal or bidirectional) is not the run's
+    (saved_cfg's). An objective that is not installed is left to resolve_components to report."""
     from tdlm.registry import UnknownComponentError
 
     def attention(causal) -> str:
         return "causal" if causal else "bidirectional"
 
     try:
-        saved = bool(getattr(registry.get("objective", saved_cfg.objective.name).cls, "causal", False))
+        saved = registry.get("objective", saved_cfg.objective.name).cls.causal
     except UnknownComponentError as exc:
         raise RecipeError(f"the run's own objective is not installed: {exc}") from None
-    wanted = bool(getattr(objective.cls, "causal", False))
+    try:
+        objective = registry.get("objective", cfg.objective.name)
+    except UnknownComponentError:
+        return
+    wanted = objective.cls.causal
     if wanted != saved:
         raise RecipeError(f"objective {objective.name!r} needs a {attention(wanted)} network and {run_dir} trained a "
                           f"{attention(saved)} one (objective {saved_cfg.objective.name!r}); score it with an "

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from toydata import toy_recipe, write_toy_corpus
 
 import tdlm
+import tdlm.plugin
 from tdlm import hookimpl
 from tdlm.builtins.corruptions.uniform import UniformMasking
 from tdlm.builtins.objectives.diffusion import DiffusionObjective
@@ -193,11 +194,11 @@ def test_the_diffusion_objective_needs_a_bound_and_the_ar_objective_does_not():
 
 
 def test_plugin_api_version_requirements():
-    assert tdlm.PLUGIN_API_VERSION == (1, 1)
-    for ok in (None, "1", "1.0", "1.1", 1, (1, 0), " 1 "):
+    assert tdlm.PLUGIN_API_VERSION == (1, 2) and tdlm.plugin.PLUGIN_API_VERSION == (1, 2)
+    for ok in (None, "1", "1.0", "1.1", "1.2", 1, (1, 0), " 1 "):
         assert plugin_api_problem(ok) is None, ok
     assert "needs tdlm plugin API 2" in plugin_api_problem("2")
-    assert "needs tdlm plugin API 1.2" in plugin_api_problem("1.2")  # a newer minor version than this tdlm's
+    assert "needs tdlm plugin API 1.3" in plugin_api_problem("1.3")  # a newer minor version than this tdlm's
     assert "is not a version" in plugin_api_problem("one")
 
 
@@ -265,7 +266,7 @@ def nelbo(loaded, seed: int = 0) -> torch.Tensor:
 
 def test_load_run_scores_the_network_under_another_corruption_and_schedule(run_dir):
     own = load_run(run_dir)
-    assert own.overrides == {} and own.components["corruption"][0].name == "state-dependent"
+    assert own.overrides == {} and own.components["corruption"].component.name == "state-dependent"
     uniform = load_run(run_dir, overrides=["corruption.name=uniform"])
     assert type(uniform.built.model.objective.corruption) is UniformMasking
     assert uniform.overrides["corruption.name"] == ("state-dependent", "uniform")
@@ -291,7 +292,7 @@ def test_load_run_scores_the_network_under_another_corruption_and_schedule(run_d
 def test_a_corruption_brought_in_keeps_its_own_parameters_and_options(run_dir):
     # switching the corruption drops the old one's options (weights = "learned") for the new one's defaults
     cart = load_run(run_dir, overrides=["corruption.p=0.5", "corruption.name=cart"])
-    assert cart.components["corruption"][1].p == 0.5
+    assert cart.components["corruption"].config.p == 0.5
     # the run's own corruption with its own weights: nothing left out
     assert load_run(run_dir, overrides=["sampler.steps=3"]).left_out == []
 
@@ -324,7 +325,8 @@ def test_the_example_plugin_ships_tests_that_pass():
 
 
 def test_every_import_path_the_guide_gives_exists():
-    """docs/plugins.md's table of what a plugin imports, checked name by name."""
+    """docs/plugins.md's table of what a plugin imports, checked name by name: all of it from the
+    front door, tdlm.plugin, and all of the front door in the table."""
     import importlib
     import re
 
@@ -332,10 +334,14 @@ def test_every_import_path_the_guide_gives_exists():
     section = guide.split("## What a plugin imports", 1)[1].split("\n## ", 1)[0]
     rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
     assert len(rows) >= 10
+    listed = set()
     for names, where in rows:
         module = re.match(r"\s*`(?:from )?([\w.]+)", where).group(1)
+        assert module == "tdlm.plugin", names
         for name in re.findall(r"`(\w+)`", names):
             assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
+            listed.add(name)
+    assert listed == set(tdlm.plugin.__all__)
 
 
 def test_eval_set_scores_the_run_under_another_corruption_from_the_command_line(run_dir):

@@ -253,8 +253,8 @@ def test_fixed_count_example_recipe_resolves(fixed_count):
     pm.register(fixed_count, name="fixed-count")
     cfg = read_recipe(EXAMPLE / "recipe.toml")
     components = resolve_components(cfg, build_registry(pm))
-    assert components["corruption"][0].cls is fixed_count.FixedCountMasking
-    assert components["corruption"][0].plugin == "fixed-count"
+    assert components["corruption"].component.cls is fixed_count.FixedCountMasking
+    assert components["corruption"].component.plugin == "fixed-count"
 
 
 def test_objective_without_bucket_extras_is_evaluated_and_reported():

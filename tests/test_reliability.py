@@ -182,13 +182,13 @@ def two_runs(trained_pair):
 
 
 @pytest.mark.parametrize("command", ["sample", "gen-eval"])
-@pytest.mark.parametrize("run, sampler, kind", [("diffusion", "ar", "masked-diffusion"),
-                                                ("ar", "ancestral", "autoregressive"),
-                                                ("ar", "confidence", "autoregressive")])
+@pytest.mark.parametrize("run, sampler, kind", [("diffusion", "ar", "a masked-diffusion"),
+                                                ("ar", "ancestral", "an autoregressive"),
+                                                ("ar", "confidence", "an autoregressive")])
 def test_a_sampler_of_the_other_objective_is_refused(two_runs, command, run, sampler, kind, tmp_path):
     extra = ["--out", tmp_path] if command == "gen-eval" else []
     result = invoke(command, two_runs / run, "--sampler", sampler, "--num", 1, "--length", 8, *extra)
-    one_line_error(result, f"sampler {sampler!r}", f"this run is a {kind} one")
+    one_line_error(result, f"sampler {sampler!r}", f"this run is {kind} one")
     assert not list(tmp_path.iterdir())
 
 

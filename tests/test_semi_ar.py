@@ -79,7 +79,7 @@ def test_inner_options_are_validated_by_the_inner_config(registry):
         return resolve_components(cfg, registry)
 
     components = resolve({"name": "semi-ar", "block": 8, "inner": "threshold", "inner_options": {"tau": 0.7}})
-    options = components["sampler"][1]
+    options = components["sampler"].config
     assert options.inner_options == {"mode": "argmax", "temperature": 1.0, "tau": 0.7, "max_steps": 1024}
     with pytest.raises(RecipeError, match=r"sampler\.inner_options: unknown key 'stepz' \(did you mean 'steps'\?\)"):
         resolve({"name": "semi-ar", "inner_options": {"stepz": 3}})
@@ -91,15 +91,16 @@ def test_inner_options_are_validated_by_the_inner_config(registry):
 
 def test_resolved_config_with_nested_options_is_valid_toml(tmp_path, registry):
     """The saved config.toml must read back as the same config (inner_options is an inline table)."""
-    cfg = RunConfig.model_validate({"run": {"name": "r"},
-                                  "sampler": {"name": "semi-ar", "inner": "ar", "inner_options": {"top_k": 5}}})
+    cfg = RunConfig.model_validate({"run": {"name": "r"},  # an inner sampler with options that may be None
+                                  "sampler": {"name": "semi-ar", "inner": "speculative",
+                                              "inner_options": {"draft_steps": 5}}})
     resolved = resolved_dict(cfg, resolve_components(cfg, registry))
     text = to_toml(resolved)
-    assert 'inner_options = {temperature = 1.0, top_k = 5, top_p = "none"' in text  # None is spelt "none"
+    assert 'inner_options = {draft = "none", draft_checkpoint = "best", draft_steps = 5' in text  # None: "none"
     (tmp_path / "r.toml").write_text(text)
     again = read_recipe(tmp_path / "r.toml")
     assert resolved_dict(again, resolve_components(again, registry)) == resolved
-    assert tomllib.loads(text)["sampler"]["inner_options"]["top_k"] == 5
+    assert tomllib.loads(text)["sampler"]["inner_options"]["draft_steps"] == 5
 
 
 class FillWith(Sampler):

@@ -19,7 +19,8 @@ from scipy import stats
 from toydata import toy_recipe, write_toy_corpus
 
 from tdlm.cli import cli
-from tdlm.sampling.draft import DraftError, check_draft, load_draft
+from tdlm.components.draft import DraftError, check_draft
+from tdlm.rundir import load_draft
 from tdlm.sampling.grids import time_grid
 from tdlm.sampling.next_token import filter_probs
 from tdlm.builtins.samplers.speculative import sample_residual

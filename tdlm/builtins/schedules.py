@@ -16,8 +16,7 @@ import math
 import torch
 from pydantic import Field, model_validator
 
-from tdlm import hookimpl
-from tdlm.components import ComponentConfig, Schedule
+from tdlm.plugin import ComponentConfig, Schedule, hookimpl
 
 
 class LinearSchedule(Schedule):

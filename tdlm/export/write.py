@@ -83,7 +83,7 @@ def outside_state(built) -> list[str]:
     import torch
     from torch import nn
 
-    from tdlm.sampling.draft import DraftMixin
+    from tdlm.components.draft import DraftMixin
 
     objective = built.model.objective
     ours = {id(m) for m in built.model.modules()}

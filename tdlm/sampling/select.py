@@ -11,8 +11,8 @@ from __future__ import annotations
 from tdlm.config import RunConfig, resolve_components
 
 
-def sampler_section(recipe_sampler: tuple, name: str | None, options: dict) -> dict:
-    """The [sampler] section to sample with. `recipe_sampler`: the run's (Component, Config);
+def sampler_section(recipe_sampler, name: str | None, options: dict) -> dict:
+    """The [sampler] section to sample with. `recipe_sampler`: the run's ResolvedComponent;
     `name`: None or the recipe's own name keeps its options, another name starts from defaults;
     `options` override them."""
     component, recipe_options = recipe_sampler

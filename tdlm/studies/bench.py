@@ -97,12 +97,15 @@ class Baseline:
     def __init__(self, cfg, components, vocab, device: torch.device, batch: torch.Tensor):
         from tdlm.model import Transformer
 
-        self.objective, self.vocab, self.device, self.batch = cfg.objective.name, vocab, device, batch
-        self.t_eps = getattr(components["objective"][1], "t_eps", 0.0)
+        self.vocab, self.device, self.batch = vocab, device, batch
+        objective = components["objective"]
+        # what the objective declares: the AR loss for a causal one, else the NELBO with t ~ U[t_eps, 1]
+        self.causal = objective.component.cls.causal
+        self.t_eps = objective.component.cls.training_t_min(objective.config)
         self.grad_clip = cfg.training.grad_clip or float("inf")
         torch.manual_seed(cfg.run.seed)
         self.net = Transformer(cfg.model, vocab_size=vocab.size, max_len=cfg.data.seq_len,
-                               causal=self.objective == "ar").to(device)
+                               causal=self.causal).to(device)
         tc = cfg.training
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, betas=tc.betas,
                                            weight_decay=tc.weight_decay)
@@ -112,7 +115,7 @@ class Baseline:
         self.forward = torch.compile(self.net) if tc.compile else self.net  # as the engine: the network, not the loss
 
     def loss(self, x0: torch.Tensor) -> torch.Tensor:
-        if self.objective == "ar":
+        if self.causal:
             inputs = torch.cat([torch.full_like(x0[:, :1], self.vocab.bos_id), x0[:, :-1]], dim=1)
             logits = self.forward(inputs)
             return F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten())

@@ -75,18 +75,18 @@ class GenEval:
         """(name, validated Config, Sampler), chosen as `tdlm sample` chooses
         (tdlm.sampling.select): no name or the run's own, its recipe options updated by
         `options`; another name, that sampler's defaults updated by `options`."""
+        from tdlm.components import build_component
         from tdlm.config import RecipeError
-        from tdlm.rundir import check_sampler_fits
         from tdlm.sampling.select import with_sampler
 
-        try:
+        try:  # refused here when the sampler cannot sample the run's objective
             _, components = with_sampler(self.target.cfg, self.target.components, self.registry, name, options)
         except RecipeError as exc:
             raise GenEvalError(str(exc)) from None
-        component, config = components["sampler"]
-        check_sampler_fits(component, components["objective"][0])
-        objective = self.target.built.model.objective
-        return component.name, config, component.cls(config, objective=objective, vocab=self.target.built.vocab)
+        sampler, objective = components["sampler"], self.target.built.model.objective
+        return sampler.component.name, sampler.config, build_component(
+            sampler.component.cls, sampler.config, objective=objective, vocab=self.target.built.vocab,
+            context=objective.context)
 
     def data_windows(self, num: int, length: int, split: str = "valid") -> torch.Tensor:
         """`num` held-out windows of `length` tokens, evenly spread over the split (no randomness)."""
@@ -158,7 +158,7 @@ class GenEval:
         result = {
             "run": str(self.target.run_dir),
             "checkpoint": self.target.checkpoint.name,
-            "objective": self.target.components["objective"][0].name,
+            "objective": self.target.components["objective"].component.name,
             "reference": str(self.reference.run_dir) if self.reference else None,
             "sampler": name,
             "options": config.model_dump(mode="json"),

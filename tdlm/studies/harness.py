@@ -32,7 +32,6 @@ Accuracy from diffusion figures compares bounds, not likelihoods.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -42,6 +41,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from tdlm.components import implements
 from tdlm.errors import TdlmError
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def default_device() -> str:
 def load(run_dir, *, which: str, device: str, sampler: tuple | None):
     """The run (tdlm.rundir.load_run), every problem a TdlmError."""
     from tdlm.registry import PluginError
-    from tdlm.rundir import check_sampler_fits, load_run
+    from tdlm.rundir import load_run
 
     try:
         loaded = load_run(run_dir, which=which, device=device, sampler=sampler, action="scoring it with lm-eval")
@@ -67,8 +67,7 @@ def load(run_dir, *, which: str, device: str, sampler: tuple | None):
         if isinstance(exc, TdlmError):
             raise
         raise TdlmError(f"{run_dir}: {exc}") from None
-    check_sampler_fits(loaded.components["sampler"][0], loaded.components["objective"][0])
-    return loaded
+    return loaded  # its sampler fits its objective: load_run resolved them
 
 
 @register_model("tdlm")
@@ -125,12 +124,12 @@ class TdlmLM(LM):
     def check_scorable(self) -> None:
         """Refuse, in one line, an objective this adapter has no conditional estimator for."""
         objective = self.objective
-        if objective.causal and not hasattr(objective, "shifted_inputs"):
+        if objective.causal and not implements(type(objective), "shifted_inputs"):
             raise TdlmError(f"objective {type(objective).__name__} is causal but has no shifted_inputs: "
                             "tdlm lm-eval cannot score a continuation with it")
-        if not objective.causal and "maskable" not in inspect.signature(objective.score).parameters:
+        if not objective.causal and not objective.score_takes_maskable:
             raise TdlmError(f"objective {type(objective).__name__} cannot score a continuation given a context "
-                            "(its score takes no `maskable`)")
+                            "(it does not declare score_takes_maskable)")
 
     @torch.no_grad()
     def score_batch(self, rows: list[list[int]], continuation_lengths: list[int],
@@ -218,8 +217,7 @@ class TdlmLM(LM):
         from tdlm.sampling.generate import generate
 
         sampler, mask_id = self.loaded.built.sampler, self.vocab.mask_id
-        if "stop_at_eos" in type(sampler).Config.model_fields:  # e.g. ar: no calls after the end
-            sampler.config = sampler.config.model_copy(update={"stop_at_eos": True})
+        sampler.set_stop_at_eos()  # the text is cut at its end-of-text: e.g. ar makes no calls after it
         prepared, ignored = [], set()
         for request in requests:
             context, gen_kwargs = request.args
@@ -298,7 +296,7 @@ def run_tasks(run_dir, tasks: list[str], *, include_path=None, limit: int | None
         "is_bound": lm.is_bound,
         "t_samples": lm.t_samples if lm.is_bound else None,
         "seed": lm.seed,
-        "sampler": lm.loaded.components["sampler"][0].name,
+        "sampler": lm.loaded.components["sampler"].component.name,
         "device": lm.device,
     }
     return results

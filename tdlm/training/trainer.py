@@ -32,7 +32,8 @@ from tdlm.training.monitor import RunLogger, read_metrics, rewrite_metrics
 from tdlm.training.evaluator import Evaluator
 from tdlm.training.interrupts import StopSignals
 from tdlm.training.step import TrainStep, mixed_precision
-from tdlm.rundir import check_resume_config, claim_run_dir, vocab_info, with_manifest, write_config, write_run_files
+from tdlm.rundir import (check_resume_config, claim_run_dir, load_draft, vocab_info, with_manifest, write_config,
+                         write_run_files)
 
 
 class Trainer:
@@ -73,7 +74,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
         self.components = components
         self.vocab_info = vocab_info(self.corpus)  # counts the train tokens: once
-        self.built = build_model(cfg, components, self.vocab_info)
+        # the sampler of the periodic samples may draft with another run: it reads it through load_draft
+        self.built = build_model(cfg, components, self.vocab_info, load_draft=load_draft)
         self.source = None  # a resume loads the run's own checkpoint below, never the source
         if cfg.training.init_from and not resume:
             self.source = start_from(self.built.model, cfg, record)  # record: data.json names the source

@@ -19,10 +19,9 @@ evaluation scores the last, shorter sequence of a split at its own length, and `
 
 import torch
 
-from tdlm import hookimpl
-from tdlm.components import ComponentConfig, Corruption
+from tdlm.plugin import ComponentConfig, Corruption, hookimpl
 
-TDLM_PLUGIN_API = "1"  # the tdlm plugin API this module is written for (tdlm.PLUGIN_API_VERSION)
+TDLM_PLUGIN_API = "1.2"  # the tdlm plugin API this module is written for (tdlm.plugin.PLUGIN_API_VERSION)
 
 
 def masked_count(t, length):

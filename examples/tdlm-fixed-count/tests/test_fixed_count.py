@@ -18,11 +18,8 @@ import pytest
 import torch
 
 import tdlm_fixed_count
-from tdlm.builtins.objectives.diffusion import DiffusionObjective
-from tdlm.builtins.schedules import LinearSchedule
-from tdlm.components import RunContext, VocabInfo
-from tdlm.config import read_recipe, resolve_components
-from tdlm.registry import build_registry, get_plugin_manager, plugin_api_problem
+from tdlm.plugin import (Denoised, DiffusionObjective, LinearSchedule, RunContext, VocabInfo, build_registry,
+                         get_plugin_manager, plugin_api_problem, read_recipe, resolve_components)
 
 from tdlm_fixed_count import FixedCountMasking
 
@@ -103,6 +100,20 @@ def test_nelbo_of_the_exact_denoiser_is_the_exact_nll(corruption_cls, exact):
     assert (abs(error) < 4 * stderr) == exact, (error, stderr)
 
 
+def test_nelbo_terms_weigh_the_masked_cross_entropy_by_n_over_l():
+    """nelbo_terms on its own, with logits wrapped in a Denoised as training hands it one."""
+    corruption = objective().corruption
+    x0 = torch.randint(0, V, (3, N), generator=gen(9))
+    t = torch.tensor([0.05, 0.5, 1.0])
+    xt = corruption.corrupt(x0, t, gen(10))
+    logits = torch.randn(3, N, V, generator=gen(11))
+    terms = corruption.nelbo_terms(Denoised.from_logits(logits, xt, VOCAB.mask_id), x0, xt, t)
+    masked = xt == VOCAB.mask_id
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
+    expected = ce * masked * (N / masked.sum(-1, keepdim=True))
+    torch.testing.assert_close(terms, expected)
+
+
 def test_reverse_step_is_the_linear_schedules():
     corruption = objective().corruption
     probs = torch.softmax(torch.randn(2, N, V, generator=gen(8)), -1)
@@ -132,8 +143,8 @@ def test_the_example_recipe_resolves_with_every_component_it_needs():
     """resolve_components also checks what the objective and sampler need of the corruption
     (the diffusion objective its bound, the ancestral sampler its reverse step)."""
     components = resolve_components(read_recipe(HERE / "recipe.toml"), registry_with_this_plugin())
-    assert components["corruption"][0].cls is FixedCountMasking
-    assert components["sampler"][0].name == "ancestral"
+    assert components["corruption"].component.cls is FixedCountMasking
+    assert components["sampler"].component.name == "ancestral"
 
 
 def test_the_installed_package_declares_the_entry_point():

@@ -15,9 +15,8 @@ is on a smaller scale than the NELBO and does not bound anything. `nelbo_terms` 
 import torch
 from pydantic import Field
 
-from tdlm import hookimpl
-from tdlm.components import ComponentConfig
 from tdlm.builtins.corruptions.uniform import UniformMasking
+from tdlm.plugin import ComponentConfig, hookimpl
 
 
 def cart_kernel(length: int, p: float, device=None, dtype=torch.float32) -> torch.Tensor:

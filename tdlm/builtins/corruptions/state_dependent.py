@@ -48,8 +48,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from tdlm import hookimpl
-from tdlm.components import ComponentConfig, Corruption
+from tdlm.plugin import ComponentConfig, Corruption, hookimpl
 
 
 def frequency_weights(counts) -> torch.Tensor:

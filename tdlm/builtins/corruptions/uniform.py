@@ -2,8 +2,7 @@
 
 import torch
 
-from tdlm import hookimpl
-from tdlm.components import Corruption
+from tdlm.plugin import Corruption, hookimpl
 
 
 class UniformMasking(Corruption):

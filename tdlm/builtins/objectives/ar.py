@@ -2,9 +2,7 @@
 
 import torch
 
-from tdlm import hookimpl
-from tdlm.components import Objective, SequenceScores
-from tdlm.head import all_positions_scores
+from tdlm.plugin import Objective, SequenceScores, all_positions_scores, hookimpl
 
 
 class AutoregressiveObjective(Objective):
@@ -12,6 +10,7 @@ class AutoregressiveObjective(Objective):
 
     causal = True
     default_sampler = "ar"
+    # score_takes_maskable stays False: lm-eval scores a continuation with shifted_inputs instead
 
     def shifted_inputs(self, x0):
         """[BOS, x_0 .. x_{N-2}]: position i predicts x_i, so all N tokens are scored (docs/maths.md section 2)."""

@@ -5,11 +5,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tdlm import hookimpl
-from tdlm.components import ComponentConfig, Objective, SequenceScores, stratified_times
-from tdlm.errors import TdlmError
-from tdlm.head import Denoised
 from tdlm.builtins.schedules import CosineSchedule
+from tdlm.plugin import (ComponentConfig, Denoised, Objective, SequenceScores, TdlmError, hookimpl,
+                         stratified_times)
 
 T_BUCKETS = 10  # per-bucket figures by mask rate, t in tenths
 
@@ -21,6 +19,8 @@ class DiffusionObjective(Objective):
     causal = False
     default_sampler = "ancestral"
     needs_corruption = ("corrupt", "nelbo_terms")
+    score_takes_maskable = True  # a bound on the maskable positions given the others (lm-eval)
+    supports_eval_schedule = True  # Config.eval_schedule: `tdlm eval --t-schedule` sets it
 
     class Config(ComponentConfig):
         t_eps: float = Field(1e-3, ge=0.0, lt=1.0)
@@ -33,6 +33,10 @@ class DiffusionObjective(Objective):
         cosine's estimator has finite variance, so its `mc_stderr` is honest; the linear
         schedule's weight 1/t meets rare masked tokens near t = 0 and its variance is infinite.
         `recipe` scores with the recipe's own schedule."""
+
+    @classmethod
+    def training_t_min(cls, config):
+        return config.t_eps
 
     def loss(self, net, x0, generator):
         batch = x0.shape[0]

@@ -5,10 +5,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tdlm import hookimpl
-from tdlm.components import ComponentConfig, SampleOutput, Sampler
-from tdlm.sampling.grids import time_grid
-from tdlm.sampling.kernel import denoiser_probs, reverse_kernel
+from tdlm.plugin import ComponentConfig, SampleOutput, Sampler, denoiser_probs, hookimpl, reverse_kernel, time_grid
 
 
 class AncestralSampler(Sampler):
@@ -16,6 +13,7 @@ class AncestralSampler(Sampler):
     position unmasking with the reverse-process probability and its token drawn from the
     denoiser (docs/maths.md, samplers). `nfe` counts the real forward passes."""
 
+    causal = False  # a masked-diffusion denoiser
     needs_corruption = ("reverse_unmask_probs",)  # the reverse step (checked when a recipe is resolved)
 
     class Config(ComponentConfig):

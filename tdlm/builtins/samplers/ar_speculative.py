@@ -19,14 +19,14 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from tdlm import hookimpl
-from tdlm.components import ComponentConfig, SampleOutput, Sampler, sample_categorical
-from tdlm.sampling.draft import DraftMixin
-from tdlm.sampling.next_token import next_token_probs
+from tdlm.plugin import (ComponentConfig, DraftMixin, SampleOutput, Sampler, hookimpl, next_token_probs,
+                         sample_categorical)
 
 
 class ARSpeculativeSampler(DraftMixin, Sampler):
     """`nfe` counts the AR target's (batched) calls; `stats` adds draft calls and acceptance."""
+
+    causal = True  # the target is a causal network (the draft, a diffusion one, is checked when loaded)
 
     class Config(ComponentConfig):
         draft: str | None = None
@@ -44,8 +44,8 @@ class ARSpeculativeSampler(DraftMixin, Sampler):
         draft_temperature: float | None = Field(None, gt=0.0)
         """Divides the draft's logits (default: `temperature`); changes the speed, never the result."""
 
-    def __init__(self, config, *, objective, vocab):
-        super().__init__(config, objective=objective, vocab=vocab)
+    def __init__(self, config, *, objective, vocab, context=None):
+        super().__init__(config, objective=objective, vocab=vocab, context=context)
         self.draft_net = None
 
     def target_probs(self, logits):

@@ -3,14 +3,15 @@
 import torch
 from pydantic import Field
 
-from tdlm import hookimpl
-from tdlm.components import ComponentConfig, SampleOutput, Sampler, sample_categorical
-from tdlm.head import last_position_logits
-from tdlm.sampling.next_token import next_token_probs
+from tdlm.plugin import (ComponentConfig, SampleOutput, Sampler, hookimpl, last_position_logits, next_token_probs,
+                         sample_categorical)
 
 
 class AutoregressiveSampler(Sampler):
     """Left to right, one token per model call, from the AR model's next-token distribution."""
+
+    causal = True  # a causal network, left to right
+    supports_stop_at_eos = True  # Config.stop_at_eos: no calls for a span once it has its end-of-text
 
     class Config(ComponentConfig):
         temperature: float = Field(1.0, gt=0.0)

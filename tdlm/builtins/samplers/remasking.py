@@ -19,9 +19,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tdlm import hookimpl
-from tdlm.components import ComponentConfig, SampleOutput, Sampler, sample_categorical
-from tdlm.sampling.grids import commit_count, time_grid
+from tdlm.plugin import (ComponentConfig, SampleOutput, Sampler, commit_count, hookimpl, sample_categorical,
+                         time_grid)
 
 
 class PredictionConfig(ComponentConfig):
@@ -37,6 +36,7 @@ class RemaskingSampler(Sampler):
     """The loop both samplers share; a subclass decides what to commit in each step."""
 
     Config = PredictionConfig
+    causal = False  # a masked-diffusion denoiser
 
     @property
     def max_steps(self) -> int:
@@ -99,8 +99,8 @@ class ConfidenceSampler(RemaskingSampler):
         grid: Literal["uniform", "cosine"] = "uniform"
         """The time grid t_0 = 1 > ... > t_T = 0 that sets how many tokens each step commits."""
 
-    def __init__(self, config, *, objective, vocab):
-        super().__init__(config, objective=objective, vocab=vocab)
+    def __init__(self, config, *, objective, vocab, context=None):
+        super().__init__(config, objective=objective, vocab=vocab, context=context)
         self.grid = time_grid(config.steps, config.grid).tolist()
 
     @property

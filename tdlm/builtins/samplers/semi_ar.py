@@ -12,24 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from tdlm import hookimpl
-from tdlm.components import ComponentConfig, SampleOutput, Sampler
-
-
-def component_registry(info: ValidationInfo):
-    """The registry the caller validates against, `Config.model_validate(options,
-    context={"registry": registry})`, so that an inner sampler registered on the caller's plugin
-    manager is known. Validated without one (e.g. a Config built in code), the inner sampler is
-    looked up among the built-ins and the installed plugins."""
-    registry = (info.context or {}).get("registry")
-    if registry is not None:
-        return registry
-    from tdlm.registry import build_registry
-
-    return build_registry()
+from tdlm.plugin import (ComponentConfig, ResolvedComponent, SampleOutput, Sampler, UnknownComponentError,
+                         build_component, format_validation_error, hookimpl, validating_registry)
 
 
 class SemiAutoregressiveSampler(Sampler):
@@ -45,17 +32,16 @@ class SemiAutoregressiveSampler(Sampler):
         """The inner sampler's options, validated by its own Config (e.g. {steps = 8}). Its step
         budget applies to every block. Saved with every default filled in."""
 
-        _inner: tuple = PrivateAttr(None)
-        """(registered Component, its validated Config): the inner sampler as validation resolved
-        it, in the caller's registry; the sampler is built from it."""
+        _inner: ResolvedComponent = PrivateAttr(None)
+        """The inner sampler as validation resolved it, in the caller's registry (tdlm.plugin.
+        validating_registry: an inner sampler registered on the caller's plugin manager is known);
+        the sampler is built from it."""
 
         @field_validator("inner")
         @classmethod
         def _known_sampler(cls, name: str, info: ValidationInfo) -> str:
-            from tdlm.registry import UnknownComponentError
-
             try:
-                component_registry(info).get("sampler", name)
+                validating_registry(info).get("sampler", name)
             except UnknownComponentError as exc:
                 raise PydanticCustomError("unknown_sampler", str(exc).replace("{", "{{")) from None
             return name
@@ -63,13 +49,9 @@ class SemiAutoregressiveSampler(Sampler):
         @field_validator("inner_options")
         @classmethod
         def _valid_options(cls, options: dict, info: ValidationInfo) -> dict:
-            from pydantic import ValidationError
-
-            from tdlm.config import format_validation_error
-
             if "inner" not in info.data:  # the name was already reported
                 return options
-            config_cls = component_registry(info).get("sampler", info.data["inner"]).config_cls
+            config_cls = validating_registry(info).get("sampler", info.data["inner"]).config_cls
             try:
                 return config_cls.model_validate(options, context=info.context).model_dump(mode="json")
             except ValidationError as exc:
@@ -78,20 +60,34 @@ class SemiAutoregressiveSampler(Sampler):
 
         @model_validator(mode="after")
         def _resolve_inner(self, info: ValidationInfo):
-            component = component_registry(info).get("sampler", self.inner)
-            self._inner = (component, component.config_cls.model_validate(self.inner_options, context=info.context))
+            component = validating_registry(info).get("sampler", self.inner)
+            inner_config = component.config_cls.model_validate(self.inner_options, context=info.context)
+            self._inner = ResolvedComponent(component, inner_config)
             return self
+
+    causal = False  # fills blocks of a masked-diffusion canvas (what the inner sampler drives is checked too)
 
     @classmethod
     def requirements(cls, config):
         """What the inner sampler needs: semi-ar itself calls nothing on the other components."""
-        component, inner_config = config._inner
-        return component.cls.requirements(inner_config)
+        inner = config._inner
+        return inner.component.cls.requirements(inner.config)
 
-    def __init__(self, config, *, objective, vocab):
-        super().__init__(config, objective=objective, vocab=vocab)
-        component, inner_config = config._inner
-        self.inner = component.cls(inner_config, objective=objective, vocab=vocab)
+    @classmethod
+    def objective_problem(cls, objective, config):
+        """Refused where the inner sampler refuses the objective, as well as by the default rule."""
+        own = super().objective_problem(objective, config)
+        if own is not None:
+            return own
+        inner = config._inner
+        why = inner.component.cls.objective_problem(objective, inner.config)
+        return None if why is None else f"its inner sampler {config.inner!r}: {why}"
+
+    def __init__(self, config, *, objective, vocab, context=None):
+        super().__init__(config, objective=objective, vocab=vocab, context=context)
+        inner = config._inner
+        self.inner = build_component(inner.component.cls, inner.config, objective=objective, vocab=vocab,
+                                     context=self.context)
 
     @torch.no_grad()
     def sample(self, net, canvas, generator, *, positions=None):

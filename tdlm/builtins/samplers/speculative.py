@@ -5,7 +5,7 @@ sampler's: time grid 1 = t_0 > ... > t_T = 0 and, from t_i to t_{i+1}, each mask
 independently unmasks to v with probability reverse_unmask_probs[v] or stays masked. Its
 kernel P_i(y | x) is a product over the masked positions. A draft network q runs the SAME chain
 (the target's corruption, grid and times) with its own mu in place of the target's, kernel Q_i.
-Both are built and drawn by tdlm.sampling.kernel, the code `ancestral` samples with.
+Both are built and drawn by tdlm.components.kernel, the code `ancestral` samples with.
 
 One round, per row, from state x^0 at grid index i:
   1. draft K steps x^0 -> x^1 -> ... -> x^K with Q_{i+j}  (sequential draft calls);
@@ -40,11 +40,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from tdlm import hookimpl
-from tdlm.components import ComponentConfig, SampleOutput, Sampler
-from tdlm.sampling.draft import DraftMixin
-from tdlm.sampling.grids import time_grid
-from tdlm.sampling.kernel import ReverseKernel, denoiser_probs, reverse_kernel
+from tdlm.plugin import (ComponentConfig, DraftMixin, ReverseKernel, SampleOutput, Sampler, denoiser_probs, hookimpl,
+                         reverse_kernel, time_grid)
 
 
 def sample_residual(p_kernel, q_kernel, x, movable, generator, max_draws: int):
@@ -180,6 +177,7 @@ class SpeculativeSampler(DraftMixin, Sampler):
     a network built in code instead of a run directory.
     """
 
+    causal = False  # a masked-diffusion target
     needs_corruption = ("reverse_unmask_probs",)  # drafts and verifies the reverse chain
 
     class Config(ComponentConfig):
@@ -200,8 +198,8 @@ class SpeculativeSampler(DraftMixin, Sampler):
         residual_draws: int = Field(10_000, ge=1)
         """Cap on the candidates drawn for one residual sample (see the module doc)."""
 
-    def __init__(self, config, *, objective, vocab):
-        super().__init__(config, objective=objective, vocab=vocab)
+    def __init__(self, config, *, objective, vocab, context=None):
+        super().__init__(config, objective=objective, vocab=vocab, context=context)
         self.draft_net = None
 
     @torch.no_grad()
