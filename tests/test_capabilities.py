@@ -77,6 +77,19 @@ def test_a_sampler_named_ar_that_declares_causal_false_samples_diffusion_models(
                                "use one of its own samplers, e.g. 'ar'")
 
 
+def test_a_sampler_written_before_declared_capabilities_is_told_to_declare_causal():
+    """A plugin's AR sampler named `ar-...` was once taken for an AR one by its name; now it declares
+    `causal = True`, and the refusal says so when it does not."""
+    registry = registry_with(sampler=[("ar-old", FillAll), ("ar-like", NotAutoregressive)])
+    with pytest.raises(RecipeError) as info:
+        resolve_components(recipe(objective="ar", sampler="ar-old"), registry)
+    assert str(info.value).endswith("(a sampler for autoregressive models declares `causal = True`, since plugin API "
+                                    "1.2: docs/plugins.md#declared-capabilities)")
+    with pytest.raises(RecipeError) as info:  # one that declared causal = False meant it
+        resolve_components(recipe(objective="ar", sampler="ar-like"), registry)
+    assert "declares `causal = True`" not in str(info.value)
+
+
 def test_a_sampler_can_refuse_an_objective_when_the_recipe_is_resolved():
     registry = registry_with(sampler=[("refuses-causal", RefusesCausal)])
     resolve_components(recipe(sampler="refuses-causal"), registry)

@@ -82,8 +82,13 @@ class Sampler:
             return None
         kind, other = ("an autoregressive", "masked-diffusion") if objective.causal else ("a masked-diffusion",
                                                                                          "autoregressive")
-        return (f"it is for {other} models and this run is {kind} one; use one of its own samplers, e.g. "
-                f"{objective.default_sampler!r}")
+        reason = (f"it is for {other} models and this run is {kind} one; use one of its own samplers, e.g. "
+                  f"{objective.default_sampler!r}")
+        if objective.causal and not any("causal" in vars(base) for base in cls.__mro__ if base is not Sampler):
+            # before plugin API 1.2 a sampler named `ar` or `ar-...` was taken for an AR one
+            reason += (" (a sampler for autoregressive models declares `causal = True`, since plugin API 1.2: "
+                       "docs/plugins.md#declared-capabilities)")
+        return reason
 
     def set_stop_at_eos(self) -> None:
         """Each generated span will be cut at its first end-of-text token: a sampler that
