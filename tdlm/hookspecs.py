@@ -2,7 +2,8 @@
 
 A plugin module (built-in or third-party) implements any of these hooks and calls
 `register(name, cls)` once per component it provides. `cls` must carry a nested pydantic
-`Config` class; see tdlm/components.py for what each kind of component receives and returns.
+`Config` class; see tdlm/components/ (imported through tdlm.plugin) for what each kind of component
+receives and returns.
 """
 
 import pluggy
