@@ -121,12 +121,12 @@ def test_paths_that_cannot_be_used_are_one_line(run, tmp_path, monkeypatch):
     one_line_error(invoke("eval", run / "config.json"), "config.json is a file, not a folder")
     one_line_error(invoke("report", run, "--out", run / "config.json" / "out"), "config.json",
                    "Not a directory")
-    import tdlm.rundir
+    import tdlm.training.run_lock
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(run / ".lock"))
 
-    monkeypatch.setattr(tdlm.rundir.os, "open", read_only)  # as in a read-only run directory (as root, too)
+    monkeypatch.setattr(tdlm.training.run_lock.os, "open", read_only)  # as in a read-only run directory (as root, too)
     one_line_error(invoke(*resume_args(run)), f"{run / '.lock'}: Permission denied")
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tdlm.rundir import run_status
+from tdlm.training.run_lock import run_status
 from tdlm.studies.sweep import SweepRun, new_outcome, prepare_run
 
 POLL_SECONDS = 0.2

@@ -64,7 +64,7 @@ def open_staging(run_dir: Path, step: int) -> Path:
 
 def remove_leftovers(run_dir: Path) -> None:
     """Remove what saves a kill cut short left in the run's checkpoints folder: staging directories
-    and temporary pointer files. Only for the process that holds the run (rundir.RunLock)."""
+    and temporary pointer files. Only for the process that holds the run (tdlm.training.run_lock.RunLock)."""
     root = Path(run_dir) / "checkpoints"
     for tmp in root.glob(".step-*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
