@@ -152,7 +152,7 @@ def test_train_step_does_not_synchronize_the_gpu(objective):
 def test_mfu_is_model_flops_over_the_peak_and_unknown_without_one(monkeypatch):
     result = measure(objective="diffusion", **TINY)
     assert result["peak_flops"] is None and result["engine_mfu"] is None  # a CPU has no peak in the table
-    monkeypatch.setattr("tdlm.studies.flops.peak_flops", lambda device, dtype: 1e12)
+    monkeypatch.setattr("tdlm.training.flops.peak_flops", lambda device, dtype: 1e12)
     result = measure(objective="diffusion", **TINY)
     assert result["flops_per_token"] > 0
     for side in ("engine", "baseline"):

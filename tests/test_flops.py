@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tdlm.studies.flops import flops_per_token, mfu, peak_flops
+from tdlm.training.flops import flops_per_token, mfu, peak_flops
 from tdlm.model import ModelConfig, Transformer
 
 

@@ -13,7 +13,7 @@ buys, net of what its structure (plugins, accelerate, per-step generators) costs
     tdlm bench --vocab 4096 --d-model 64 --objective ar --steps 10
     tdlm bench --device cuda --recipe recipes/small_wikitext2.toml --compile   # tokens/s and MFU, compiled
 
-Both sides report tokens/s and MFU: model FLOPs per token (tdlm.studies.flops, the same count
+Both sides report tokens/s and MFU: model FLOPs per token (tdlm.training.flops, the same count
 for both: the engine's saving is skipped work, not fewer model FLOPs) over the device's peak.
 """
 
@@ -207,7 +207,7 @@ def measure(*, vocab: int = 4096, d_model: int = 64, n_layers: int = 2, n_heads:
 def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup, objective, device, repeats,
              seed, chunk, model, compile, log) -> dict:
     from tdlm.components import VocabInfo
-    from tdlm.studies.flops import flops_per_token, mfu, peak_flops
+    from tdlm.training.flops import flops_per_token, mfu, peak_flops
     from tdlm.training.distributed import device_name, unwrap
 
     cfg, components = bench_config(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, batch=batch,
@@ -265,7 +265,7 @@ def _measure(*, vocab, d_model, n_layers, n_heads, batch, seq_len, steps, warmup
         "engine_tokens_per_s": engine,
         "baseline_tokens_per_s": base,
         "flops_per_token": per_token,
-        "peak_flops": peak,  # None: a CPU or a GPU not in tdlm.studies.flops.PEAK_FLOPS
+        "peak_flops": peak,  # None: a CPU or a GPU not in tdlm.training.flops.PEAK_FLOPS
         "engine_mfu": mfu(engine, per_token, peak),
         "baseline_mfu": mfu(base, per_token, peak),
         "compiled": compile,
