@@ -55,9 +55,7 @@ def load_corpus(cfg: DataConfig, *, cache_dir: str | Path | None = None, progres
     format='webdataset': the vocabulary, valid and test from the prepared folder, and the train
     split's token counts instead of its stream (see tdlm.data.shards)."""
     if cfg.format == "webdataset":
-        from tdlm.data.shards import load_shard_corpus  # pulls in torch: only when asked for
-
-        return load_shard_corpus(cfg)
+        return shard_corpus(cfg)
     files = find_split_files(cfg, cache_dir)
     vocab = load_vocab(cfg, cache_dir=cache_dir)
     splits = {
@@ -68,6 +66,20 @@ def load_corpus(cfg: DataConfig, *, cache_dir: str | Path | None = None, progres
     if cfg.max_train_tokens is not None:
         splits["train"] = splits["train"][: cfg.max_train_tokens]
     return Corpus(vocab, splits)
+
+
+def shard_corpus(cfg: DataConfig) -> Corpus:
+    """The vocabulary, the valid and test streams (the same tokens as format='text' would give)
+    and the train token counts of the prepared folder cfg.path; train itself is left to
+    ShardStream (tdlm.data.shards, which reads the folder and knows nothing of Corpus)."""
+    from tdlm.data import shards  # pulls in torch: only when asked for
+
+    directory = Path(cfg.path).expanduser()
+    manifest = shards.read_manifest(directory)
+    shards.check_seq_len(manifest, cfg.seq_len, directory)
+    vocab = shards.load_shard_vocab(directory, manifest)
+    splits = {split: shards.split_tokens(directory, manifest, split) for split in ("valid", "test")}
+    return Corpus(vocab, splits, train_token_counts=shards.train_token_counts(directory, manifest, vocab.size))
 
 
 def tokenizer_hash(vocab: Vocab) -> str:

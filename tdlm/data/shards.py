@@ -50,8 +50,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdlm.data.config import DataConfig
-from tdlm.data.corpus import Corpus
 from tdlm.data.manifest import (  # noqa: F401 - the layout's names, re-exported
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -164,19 +162,14 @@ def load_shard_vocab(directory: str | Path, manifest: dict) -> Vocab:
     return vocab
 
 
-def load_shard_corpus(cfg: DataConfig) -> Corpus:
-    """The vocabulary, the valid and test streams (the same tokens as format='text' would give)
-    and the train token counts of the folder cfg.path; train itself is left to ShardStream."""
-    directory = Path(cfg.path).expanduser()
-    manifest = read_manifest(directory)
-    check_seq_len(manifest, cfg.seq_len, directory)
-    vocab = load_shard_vocab(directory, manifest)
-    splits = {split: split_tokens(directory, manifest, split) for split in ("valid", "test")}
+def train_token_counts(directory: str | Path, manifest: dict, vocab_size: int) -> np.ndarray:
+    """int64 [vocab_size]: each id's count in the whole train stream, as the folder records it."""
+    directory = Path(directory).expanduser()
     raw = read_checked(directory, manifest["train_token_counts"], manifest)
     counts = np.load(io.BytesIO(raw), allow_pickle=False)
-    if counts.shape != (vocab.size,):
-        raise ShardError(f"{directory / COUNTS_FILE} has shape {counts.shape}, expected ({vocab.size},)")
-    return Corpus(vocab, splits, train_token_counts=counts.astype(np.int64))
+    if counts.shape != (vocab_size,):
+        raise ShardError(f"{directory / COUNTS_FILE} has shape {counts.shape}, expected ({vocab_size},)")
+    return counts.astype(np.int64)
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
