@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from tdlm.studies.report import Run, _count, _number, _pyplot, _save, twins
+from tdlm.studies.figures import format_count, format_number, pyplot, save_figure
+from tdlm.studies.runs import Run, twins
 
 C_CRIT_SCALE, C_CRIT_EXPONENT = 2.12e15, 2.174
 
@@ -134,13 +135,13 @@ def repetition_lines(runs: list[Run]) -> list[str]:
         d_best = min(best_so_far(diffusion), key=lambda p: p.nll)
         cross = crossing(diffusion, ar)
         last = min(d_last, a_last, key=lambda p: p.step)
-        measured = (f"{_number(cross.epochs)} epochs, {_flops(cross.flops)} (AR {cross.ar:.3f} vs <= "
+        measured = (f"{format_number(cross.epochs)} epochs, {_flops(cross.flops)} (AR {cross.ar:.3f} vs <= "
                     f"{cross.diffusion:.3f} ± {cross.stderr:.3f})" if cross else "none within the runs")
         unique = diffusion.train_tokens
         lines.append(
-            f"| {diffusion.group_label or diffusion.name} | {_count(unique)} | {_count(diffusion.parameters)} "
-            f"| {_number(last.epochs)}, {_flops(last.flops)} | {a_best.nll:.3f} ± {_se(a_best.best_stderr)} "
-            f"({_number(a_best.epochs)}) | {d_best.nll:.3f} ± {_se(d_best.best_stderr)} ({_number(d_best.epochs)}) "
+            f"| {diffusion.group_label or diffusion.name} | {format_count(unique)} | {format_count(diffusion.parameters)} "
+            f"| {format_number(last.epochs)}, {_flops(last.flops)} | {a_best.nll:.3f} ± {_se(a_best.best_stderr)} "
+            f"({format_number(a_best.epochs)}) | {d_best.nll:.3f} ± {_se(d_best.best_stderr)} ({format_number(d_best.epochs)}) "
             f"| {measured} | {_flops(c_crit(unique)) if unique else '-'} |")
     return lines + [""]
 
@@ -152,7 +153,7 @@ def plot_repetition(runs: list[Run], path: Path) -> Path | None:
     found = repetition_pairs(runs)
     if not found:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     fig, axes = plt.subplots(2, len(found), figsize=(max(6.0, 4.6 * len(found)), 7.6), squeeze=False)
@@ -169,12 +170,12 @@ def plot_repetition(runs: list[Run], path: Path) -> Path | None:
         if cross and cross.flops:
             bottom.axvline(cross.flops, color="black", linewidth=1)
             bottom.plot([cross.flops], [cross.diffusion], marker="*", markersize=12, color="black",
-                        label=f"measured crossover ({_number(cross.epochs)} epochs)")
+                        label=f"measured crossover ({format_number(cross.epochs)} epochs)")
         unique = diffusion.train_tokens
         if unique:
             bottom.axvline(c_crit(unique), color="grey", linestyle=":", linewidth=1.2, label="fitted C_crit")
         label = diffusion.group_label or diffusion.name
-        top.set_title(f"{label}: U = {_count(unique)} unique tokens", fontsize=10)
+        top.set_title(f"{label}: U = {format_count(unique)} unique tokens", fontsize=10)
         top.set_xscale("log")
         top.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         top.xaxis.set_major_formatter(ScalarFormatter())  # epochs as numbers, not powers of ten
@@ -189,7 +190,7 @@ def plot_repetition(runs: list[Run], path: Path) -> Path | None:
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
     fig.suptitle("Diffusion vs AR as data repeats\n(the diffusion figure is an upper bound, AR's is exact)", fontsize=10)
-    return _save(fig, path, plt)
+    return save_figure(fig, path, plt)
 
 
 def plot_gap(runs: list[Run], path: Path, *, x: str, pairs_: list[tuple[Run, Run, str]]) -> Path | None:
@@ -210,7 +211,7 @@ def plot_gap(runs: list[Run], path: Path, *, x: str, pairs_: list[tuple[Run, Run
     series = {k: sorted(v) for k, v in series.items() if len({p[0] for p in v}) >= 2}
     if not series:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.4))
     for i, points in enumerate(series.values()):
         ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[2 * p[2] for p in points], capsize=3,
@@ -223,4 +224,4 @@ def plot_gap(runs: list[Run], path: Path, *, x: str, pairs_: list[tuple[Run, Run
     ax.grid(alpha=0.3, which="both")
     if len(series) > 1:
         ax.legend(fontsize=8)
-    return _save(fig, path, plt)
+    return save_figure(fig, path, plt)
