@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tdlm.errors import TdlmError
-from tdlm.export import ExportError, is_export, read_folder
-from tdlm.export.folder import RUN_FILE
+from tdlm.export.folder import RUN_FILE, ExportError, is_export, read_folder
 
 POINTERS = ("best", "last")
 # Network settings that change what the weights compute without changing a tensor's shape.

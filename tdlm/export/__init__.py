@@ -12,8 +12,13 @@ commands read a folder through `tdlm.rundir.load_run`, which comes to it for exp
 from __future__ import annotations
 
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 from tdlm.export.folder import ExportedRun, ExportError, is_export, read_folder
+
+if TYPE_CHECKING:  # what _LAZY loads, named for readers and for tests/test_layers.py's import graph
+    from tdlm.export.push import push_folder  # noqa: F401
+    from tdlm.export.write import export_run  # noqa: F401
 
 _LAZY = {"export_run": "tdlm.export.write", "push_folder": "tdlm.export.push"}  # these import tdlm.rundir
 
