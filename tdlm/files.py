@@ -1,13 +1,15 @@
 """Writing files so that a fault never loses what was there: the one way tdlm writes run
 directories (config, environment, data record, metrics, summary, checkpoints and their
-pointers) and its caches.
+pointers), its caches, prepared shards, exported folders and the reports of its studies.
 
 `write_atomically(path, data)` writes to a temporary file in `path`'s folder, flushes it to the
 disk, renames it over `path`, then flushes the folder. A kill at any moment leaves the old file
 or the whole new one (at worst also a stray `.NAME.XXXXXXXX.tmp`, which `remove_temporaries`
 clears); any failure removes the temporary file and leaves `path` as it was. `append_line` adds
-a line whole or not at all. Every OSError of either (a full disk, a quota, a read-only folder, a
-missing permission) becomes one WriteError line naming the folder and the fix.
+a line whole or not at all. A folder that must appear whole (a checkpoint, an exported model)
+is assembled beside its place, each file by write_atomically, and put there by `rename_folder`.
+Every OSError of these (a full disk, a quota, a read-only folder, a missing permission) becomes
+one WriteError line naming the folder and the fix.
 
 Serializers write into the open file (`data` may be a function of it), never to a path of their
 own: their own writers report a full disk as their own error types (safetensors'
@@ -75,6 +77,19 @@ def write_atomically(path: str | Path, data: bytes | str | Callable[[BinaryIO], 
         if isinstance(exc, OSError):
             raise write_error(exc, path) from exc
         raise
+    fsync_dir(path.parent)
+
+
+def rename_folder(staging: str | Path, path: str | Path) -> None:
+    """Put the folder `staging` (assembled beside `path`, its files written by write_atomically,
+    so already on the disk) in place of `path` (absent, or an empty folder) with one rename, then
+    flush the parent folder: a kill at any moment leaves no folder or the whole one. WriteError
+    on any OSError; `staging` is then left for the caller to remove."""
+    staging, path = Path(staging), Path(path)
+    try:
+        os.replace(staging, path)
+    except OSError as exc:
+        raise write_error(exc, path) from exc
     fsync_dir(path.parent)
 
 

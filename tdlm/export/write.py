@@ -15,18 +15,18 @@
     tdlm_run.json             the resolved recipe, the run's data.json, checkpoint, environment,
                               summary: what tdlm reads the folder back with (tdlm.export.folder)
 
-The folder is assembled beside its destination and renamed into place: a failed export leaves
-no half folder.
+The folder is assembled beside its destination, every file by tdlm.files.write_atomically, and
+renamed into place (tdlm.files.rename_folder): a failed or killed export leaves no half folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from tdlm.export.folder import FORMAT, RUN_FILE, VERSION, WEIGHTS_FILE, ExportError, is_export
+from tdlm.files import rename_folder, write_atomically
 
 MODEL_OPTIONS = ("n_layers", "d_model", "n_heads", "d_ff", "positions", "norm", "mlp", "tied_embeddings",
                  "dropout", "bias", "shift_logits")
@@ -69,11 +69,12 @@ def write_network(folder: Path, model_cfg, state_dict: dict, **facts) -> None:
     floats = [v.dtype for v in tensors.values() if v.is_floating_point()]
     dtype = str(floats[0] if floats else torch.float32).removeprefix("torch.")
     config = hf_config(model_cfg, dtype=dtype, **facts)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    # save() then write_bytes: the file gets the usual permissions (save_file makes it private)
-    (folder / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt"}))
+    write_atomically(folder / "config.json", json.dumps(config, indent=2) + "\n")
+    # serialized in memory, then written by write_atomically: on the disk before the folder is
+    # renamed into place, and a full disk is a WriteError (safetensors' own writer has its own type)
+    write_atomically(folder / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
     for name, text in standalone_sources().items():
-        (folder / name).write_text(text)
+        write_atomically(folder / name, text)
 
 
 def outside_state(built) -> list[str]:
@@ -179,10 +180,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, which: str = "best",
                "environment": _read_json(run_dir / "environment.json")}
         texts[RUN_FILE] = json.dumps(run, indent=2) + "\n"
         for file, text in texts.items():
-            (staging / file).write_text(text, encoding="utf-8")
+            write_atomically(staging / file, text)
         if out.exists():
             out.rmdir()  # empty (checked above)
-        os.replace(staging, out)
+        rename_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

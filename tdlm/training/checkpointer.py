@@ -6,7 +6,7 @@ Layout of a run directory:
     data.json                   content hashes of the data and the tokenizer (tdlm.data.record)
     checkpoints/step-000300/    model.safetensors + state.pt
     checkpoints/last.json       {"step": 300, "dir": "step-000300", "previous": "step-000200"}:
-    checkpoints/best.json       pointers replaced atomically (os.replace) only after the directory
+    checkpoints/best.json       pointers replaced atomically (write_atomically) only after the directory
                                 is complete, so a kill mid-save never leaves a broken "last" or "best".
 
 Kept: the directories `last`, `best` and `last`'s previous checkpoint name. Keeping the previous
@@ -17,11 +17,12 @@ while it reads) reads the pointer again (read_checkpoint).
 
 Only finite weights are ever written (the trainer checks them first), so "last" is always a
 good checkpoint. Every file is written by tdlm.files.write_atomically (fsynced, then renamed),
-the staging directory is renamed into place only when whole, and `last` moves after `best`: a
-kill at any moment leaves `last` naming a whole checkpoint. A write that fails (no space left,
-a read-only folder, a stop signal's exception) removes its staging directory, keeps `last` and
-says so in one line (CheckpointError); what a kill -9 left (a staging directory, a temporary
-file) is removed by the next process that takes the run (remove_leftovers). state.pt also
+the staging directory is renamed into place only when whole (tdlm.files.rename_folder), and
+`last` moves after `best`: a kill at any moment leaves `last` naming a whole checkpoint. A write
+that fails (no space left, a read-only folder, a stop signal's exception) removes its staging
+directory, keeps `last` and says so in one line (CheckpointError); what a kill -9 left (a
+staging directory, a temporary file) is removed by the next process that takes the run
+(remove_leftovers). state.pt also
 carries what makes a resume exact and its figures whole: the log window a stop between log
 steps left open, and the training seconds, steps, wall seconds and sessions of the run so far.
 """
@@ -38,7 +39,7 @@ from typing import NamedTuple
 import torch
 
 from tdlm.errors import CheckpointError, CheckpointNotFound, TrainingDiverged
-from tdlm.files import describe, fsync_dir, remove_temporaries, write_atomically
+from tdlm.files import describe, remove_temporaries, rename_folder, write_atomically
 
 POINTERS = ("last", "best")
 READ_ATTEMPTS = 5  # pointer re-reads when a concurrent save pruned the directory being read
@@ -104,8 +105,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, *, poi
                 open_staging(run_dir, step)
             _write_weights(weights, tmp / "model.safetensors")
             _write_state(state, tmp / "state.pt")
-            os.replace(tmp, final)
-            fsync_dir(root)
+            rename_folder(tmp, final)
         # `last` moves last: once it names this checkpoint the save is done, so a kill before it
         # resumes from the previous one and makes the same save again (`best` included)
         for pointer in sorted(pointers, key=lambda name: name == "last"):
