@@ -7,6 +7,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -15,35 +16,56 @@ import click
 # OpenMP reads this once, when torch is first imported (inside the commands below).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from tdlm.errors import RunInterrupted, TdlmError
+from tdlm.cli_options import check_device, check_seed, sampler_options
+from tdlm.errors import RunInterrupted, TdlmError, TrainingDiverged, UsageError
+from tdlm.export.cli import export_command
 from tdlm.jsontext import dumps
+from tdlm.studies.harness_cli import lm_eval_command
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 1
 
 
-def _fail(message: str) -> None:
-    click.echo(f"tdlm: error: {message}", err=True)
-    sys.exit(EXIT_BAD_INPUT)
+def _fail(message: str) -> NoReturn:
+    """Refuse a command-line value: the one handler below prints the message."""
+    raise UsageError(message)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user fixes: every TdlmError. PluginError (tdlm.registry) is named beside it
+    until it derives from TdlmError; imported only once a command has failed."""
+    from tdlm.registry import PluginError
+
+    return TdlmError, PluginError
 
 
 class _Commands(click.Group):
-    """Every command's user errors (TdlmError) end as one line on stderr and exit code 2; so do
-    file-system errors on a path (a read-only folder, a path through a file, a full disk): the
-    user fixes them, not the code. A run stopped at once by a signal ends as one line and
-    128 + the signal's number (as a shell reports it)."""
+    """The one place where a command's failure becomes what the user sees. Every user error
+    (TdlmError) ends as one line on stderr and exit code 2; so do file-system errors on a path (a
+    read-only folder, a path through a file, a full disk): the user fixes them, not the code. A
+    run stopped at once by a signal ends as one line and 128 + the signal's number (as a shell
+    reports it); a run that diverged as one line and exit code 1 (not the user's mistake)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except TdlmError as exc:
-            _fail(str(exc))
         except RunInterrupted as exc:
             click.echo(f"tdlm: {exc}", err=True)
             sys.exit(128 + exc.signum)
+        except TrainingDiverged as exc:
+            click.echo(f"tdlm: {exc}", err=True)
+            sys.exit(EXIT_DIVERGED)
+        except _user_errors() as exc:  # evaluated only when a command failed
+            _print_error(str(exc))
         except OSError as exc:
             if exc.filename is None:
                 raise  # not about a path the user gave: a bug to see whole
-            _fail(_file_problem(exc))
+            _print_error(_file_problem(exc))
+
+
+def _print_error(message: str) -> NoReturn:
+    click.echo(f"tdlm: error: {message}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 def _file_problem(exc: OSError) -> str:
@@ -55,14 +77,11 @@ def _file_problem(exc: OSError) -> str:
 
 def _load_recipe(recipe: str, overrides: tuple[str, ...], unset: tuple[str, ...] = ()):
     """Read, validate and resolve a recipe: every problem is reported before any work starts."""
-    from tdlm.config import RecipeError, read_recipe, resolve_components
-    from tdlm.registry import PluginError, build_registry
+    from tdlm.config import read_recipe, resolve_components
+    from tdlm.registry import build_registry
 
-    try:
-        cfg = read_recipe(recipe, overrides, unset)
-        return cfg, resolve_components(cfg, build_registry())
-    except (RecipeError, PluginError) as exc:
-        _fail(str(exc))
+    cfg = read_recipe(recipe, overrides, unset)
+    return cfg, resolve_components(cfg, build_registry())
 
 
 @click.group(cls=_Commands)
@@ -90,7 +109,7 @@ def run(recipe, overrides, unset, resume, stop_at, check):
     if check:
         from tdlm.config import resolved_dict, to_toml
         from tdlm.data.locate import file_in_the_way, not_a_folder
-        from tdlm.rundir import with_manifest
+        from tdlm.training.run_files import with_manifest
 
         blocker = file_in_the_way(Path(cfg.run.out_dir) / cfg.run.name)
         if blocker is not None:
@@ -102,17 +121,10 @@ def run(recipe, overrides, unset, resume, stop_at, check):
         check_before_start(cfg)  # training.init_from: the source opens and fits, as far as is cheap to tell
         click.echo(to_toml(resolved_dict(cfg, components)))
         return
-    from tdlm.data import DataNotFoundError
     from tdlm.evaluate import format_result
-    from tdlm.training.trainer import TrainingDiverged, train
+    from tdlm.training.trainer import train
 
-    try:
-        summary = train(cfg, components, resume=resume, stop_at=stop_at, started=started)
-    except (TdlmError, DataNotFoundError) as exc:
-        _fail(str(exc))
-    except TrainingDiverged as exc:
-        click.echo(f"tdlm: {exc}", err=True)
-        sys.exit(1)
+    summary = train(cfg, components, resume=resume, stop_at=stop_at, started=started)
     if os.environ.get("RANK", "0") != "0":  # one report per run, from the main process
         return
     if summary["status"] != "finished":
@@ -168,10 +180,12 @@ def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, t_s
 
     if source is not None and texts:
         _fail("give --text FILE or --data SOURCE, not both")
-    device = _device(device)
+    device = check_device(device)
     if seed is not None:
-        _check_seed(seed)
-    loaded = _load_run(run_dir, which=which, device=device, overrides=list(overrides))
+        check_seed(seed)
+    from tdlm.rundir import load_run
+
+    loaded = load_run(run_dir, which=which, device=device, overrides=list(overrides))
     for key, (saved, used) in loaded.overrides.items():
         click.echo(f"tdlm: {key}: {saved} -> {used}", err=True)
     if loaded.left_out:
@@ -203,19 +217,6 @@ def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, t_s
         click.echo(dumps(results[0] if len(results) == 1 else results))
     else:
         click.echo("\n".join(format_result(result) for result in results))
-
-
-def _sampler_options(options: tuple[str, ...]) -> dict:
-    """--option KEY=VALUE pairs as a (nested) dict; values are TOML, dotted keys nest."""
-    from tdlm.config import RecipeError, apply_overrides
-
-    for text in options:
-        if "=" not in text:
-            _fail(f"--option {text!r} is not of the form key=value")
-    try:
-        return apply_overrides({}, list(options))
-    except RecipeError as exc:
-        _fail(f"--option: {exc}")
 
 
 def _canvas_ids(vocab, *, prompt, template, length, seq_len) -> list[int]:
@@ -270,29 +271,28 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
     import torch
 
     from tdlm.sampling.generate import generate
-    from tdlm.sampling.template import TemplateError, parse_template
+    from tdlm.sampling.template import parse_template
 
     if template is not None:
         if prompt is not None or length is not None:
             _fail("--template sets the whole canvas: give the prompt and the length in the template, "
                   "not as --prompt / --length")
-        try:
-            if not any(isinstance(part, int) for part in parse_template(template)):
-                _fail("the template has no <mask> or <mask:N> span to fill")
-        except TemplateError as exc:
-            _fail(str(exc))
+        if not any(isinstance(part, int) for part in parse_template(template)):
+            _fail("the template has no <mask> or <mask:N> span to fill")
     if trace is not None:
         if Path(trace).suffix.lower() not in (".png", ".gif"):
             _fail(f"--trace {trace}: the picture is a .png or an animated .gif")
         if not Path(trace).resolve().parent.is_dir():
             _fail(f"--trace {trace}: the folder {Path(trace).resolve().parent} does not exist")
-    device = _device(device)
-    _check_seed(seed)
-    sampler_choice = (sampler, _sampler_options(options)) if sampler or options else None
-    loaded = _load_run(run_dir, which=which, device=device, sampler=sampler_choice)  # the sampler fits the run
+    device = check_device(device)
+    check_seed(seed)
+    sampler_choice = (sampler, sampler_options(options)) if sampler or options else None
+    from tdlm.rundir import load_run
+
+    loaded = load_run(run_dir, which=which, device=device, sampler=sampler_choice)  # the sampler fits the run
     vocab, cfg, built_sampler = loaded.corpus.vocab, loaded.cfg, loaded.built.sampler
     if stop_at_eos:
-        from tdlm.rundir import vocab_info
+        from tdlm.vocab_info import vocab_info
 
         if vocab_info(loaded.corpus).token_counts[vocab.bos_id] == 0:
             _fail(f"--stop-at-eos: the model in {run_dir} never saw an end-of-text token in training (data.documents = "
@@ -353,15 +353,10 @@ def sweep(sweep_file, dry_run, patterns, emit, launch_config, gpus, time_limit, 
     so the same command continues a sweep; a failed run does not stop the others and is
     reported at the end (exit code 1). Ctrl-C makes every running run save a checkpoint and stop.
     """
-    from tdlm.config import RecipeError
-    from tdlm.registry import PluginError
-    from tdlm.studies.sweep import SweepError, accelerate_commands, format_plan, load_sweep, run_sweep, slurm_script
+    from tdlm.studies.sweep import accelerate_commands, format_plan, load_sweep, run_sweep, slurm_script
 
-    try:
-        plan = load_sweep(sweep_file)
-        runs = plan.select(patterns)
-    except (SweepError, RecipeError, PluginError) as exc:
-        _fail(str(exc))
+    plan = load_sweep(sweep_file)
+    runs = plan.select(patterns)
     if dry_run:
         click.echo(format_plan(plan, runs))
         return
@@ -369,10 +364,7 @@ def sweep(sweep_file, dry_run, patterns, emit, launch_config, gpus, time_limit, 
         click.echo("\n".join(accelerate_commands(runs, launch_config)))
         return
     if emit == "slurm":
-        try:
-            script, commands = slurm_script(plan, runs, launch_config=launch_config, gpus=gpus, time_limit=time_limit)
-        except SweepError as exc:
-            _fail(str(exc))
+        script, commands = slurm_script(plan, runs, launch_config=launch_config, gpus=gpus, time_limit=time_limit)
         click.echo(script.read_text())
         click.echo(f"wrote {script} and {commands} ({len(runs)} runs); submit with: sbatch {script}", err=True)
         return
@@ -399,13 +391,10 @@ def report(runs_dirs, out_dir):
     perplexity, bits per byte against size, data and epochs, and diffusion vs AR by epochs."""
     from pathlib import Path
 
-    from tdlm.studies.report import ReportError, write_report
+    from tdlm.studies.report import write_report
 
-    try:
-        markdown, written = write_report([Path(d) for d in runs_dirs], Path(out_dir or runs_dirs[0]),
-                                         warn=lambda line: click.echo(line, err=True))
-    except ReportError as exc:
-        _fail(str(exc))
+    markdown, written = write_report([Path(d) for d in runs_dirs], Path(out_dir or runs_dirs[0]),
+                                     warn=lambda line: click.echo(line, err=True))
     click.echo(markdown)
     click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
 
@@ -416,12 +405,9 @@ def report(runs_dirs, out_dir):
 def plugins(name, as_json):
     """List every installed component by kind, with the plugin and package that provide it; with
     NAME, that component's description and its options (type, default, what each does)."""
-    from tdlm.registry import KINDS, PluginError, build_registry
+    from tdlm.registry import KINDS, build_registry
 
-    try:
-        registry = build_registry()
-    except PluginError as exc:
-        _fail(str(exc))
+    registry = build_registry()
     if name is not None:
         _show_component(registry, name, as_json)
         return
@@ -499,7 +485,7 @@ def bench(as_json, device, recipe, suite, **settings):
     from tdlm.studies import bench as benchmark
 
     log = None if as_json else (lambda line: click.echo(line, err=True))
-    settings.update(device=_device(device), log=log)
+    settings.update(device=check_device(device), log=log)
     if suite:
         for key in ("vocab", "d_model", "n_layers", "n_heads", "batch", "seq_len", "objective"):
             settings.pop(key)
@@ -536,18 +522,12 @@ def gen_eval(run_dir, sampler, options, reference, which, device, out_dir, as_js
     distinct-n, repetition, unseen bigrams, and the frequency-collapse curve (JSON + PNG)."""
     from pathlib import Path
 
-    from tdlm.config import RecipeError
-    from tdlm.data import DataNotFoundError
-    from tdlm.studies.geneval import GenEval, GenEvalError, format_report, write_report
-    from tdlm.registry import PluginError
+    from tdlm.studies.geneval import GenEval, format_report, write_report
 
-    parsed = _sampler_options(options)
-    _check_seed(settings["seed"])
-    try:
-        evaluator = GenEval(run_dir, reference=reference, which=which, device=_device(device))
-        result = evaluator.evaluate(sampler=sampler, options=parsed, **settings)
-    except (GenEvalError, RecipeError, PluginError, DataNotFoundError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    parsed = sampler_options(options)
+    check_seed(settings["seed"])
+    evaluator = GenEval(run_dir, reference=reference, which=which, device=check_device(device))
+    result = evaluator.evaluate(sampler=sampler, options=parsed, **settings)
     json_path, png_path = write_report(result, Path(out_dir) if out_dir else Path(run_dir) / "geneval")
     if as_json:
         click.echo(dumps({**result, "json": str(json_path), "png": str(png_path)}))
@@ -578,73 +558,16 @@ def data():
 def prepare(source, out_dir, seq_len, shard_size, tokenizer, bpe_vocab_size, data_dir, documents, force):
     """Tokenise SOURCE (a folder with train.txt/valid.txt/test.txt, `wikitext2`, or
     hf:NAME[:CONFIG]) and write webdataset shards, a manifest and the tokenizer to --out."""
-    from tdlm.data import DataNotFoundError, prepare_shards
+    from tdlm.data import prepare_shards
 
-    try:
-        manifest = prepare_shards(source, out_dir, seq_len=seq_len, shard_size=shard_size, tokenizer=tokenizer,
-                                  bpe_vocab_size=bpe_vocab_size, data_dir=data_dir, documents=documents,
-                                  force=force)
-    except (DataNotFoundError, FileExistsError, ValueError) as exc:
-        _fail(str(exc))
+    manifest = prepare_shards(source, out_dir, seq_len=seq_len, shard_size=shard_size, tokenizer=tokenizer,
+                              bpe_vocab_size=bpe_vocab_size, data_dir=data_dir, documents=documents, force=force)
     for split, entry in manifest["splits"].items():
         click.echo(f"{split}: {entry['tokens']:,} tokens, {entry['sequences']:,} sequences in "
                    f"{len(entry['shards'])} shards, {len(entry['tail'])} tail tokens")
     click.echo(f"wrote {out_dir} (tokenizer {manifest['tokenizer']['name']}); train from it with:\n\n"
                f'[data]\nformat = "webdataset"\npath = "{out_dir}"\nseq_len = {seq_len}')
 
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _device(device: str | None) -> str:
-    """--device checked against this machine (default: cuda if available, else cpu)."""
-    import torch
-
-    if device is None:
-        return _default_device()
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        _fail(f"--device {device!r} is not a device: give cpu, cuda or cuda:N")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            built = "a torch built without CUDA" if torch.version.cuda is None else "no CUDA GPU visible"
-            _fail(f"--device {device}: this machine has {built}; use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            _fail(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0")
-    elif parsed.type == "mps":
-        if not torch.backends.mps.is_available():
-            _fail(f"--device {device}: MPS is not available here; use --device cpu")
-    elif parsed.type != "cpu":
-        _fail(f"--device {device}: tdlm runs on cpu, cuda or mps")
-    return device
-
-
-def _check_seed(seed: int) -> int:
-    from tdlm.config import SEED_LIMIT
-
-    if not -SEED_LIMIT <= seed < SEED_LIMIT:
-        _fail(f"--seed {seed}: a seed must lie in [-2**40, 2**40)")
-    return seed
-
-
-def _load_run(run_dir, **kwargs):
-    from tdlm.config import RecipeError
-    from tdlm.data import DataNotFoundError
-    from tdlm.registry import PluginError
-    from tdlm.rundir import load_run
-
-    try:
-        return load_run(run_dir, **kwargs)
-    except (RecipeError, PluginError, DataNotFoundError, FileNotFoundError) as exc:
-        _fail(str(exc))
-
-
-from tdlm.export.cli import export_command  # noqa: E402
-from tdlm.studies.harness_cli import lm_eval_command  # noqa: E402 - the command module imports helpers from here
 
 cli.add_command(lm_eval_command)
 cli.add_command(export_command)

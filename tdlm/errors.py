@@ -56,6 +56,11 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """No checkpoint of that name: the message lists the ones the run has."""
 
 
+class UsageError(TdlmError):
+    """A command-line value that cannot be used as given (a --device this machine lacks, a seed
+    out of range, options that exclude each other)."""
+
+
 class RunInterrupted(KeyboardInterrupt):
     """A run stopped at once by SIGINT or SIGTERM, its checkpoints whole (tdlm.training.interrupts).
     The command line prints the message and exits with 128 + the signal's number, as a shell does."""

@@ -48,7 +48,7 @@ from tdlm.data.shards import (
 )
 from tdlm.data.tokenizer import Vocab, gpt2_tokenizer, trained_bpe_vocab, vocab_from_tokenizer
 from tdlm.files import write_atomically
-from tdlm.errors import DataError
+from tdlm.errors import DataError, TdlmError
 
 HF_PREFIX = "hf:"
 HF_SPLITS = {"train": ("train",), "valid": ("validation", "valid"), "test": ("test",)}
@@ -76,9 +76,9 @@ def prepare_shards(
     out/manifest.json). `out` must be empty or absent, or, with `force`, hold only files an
     earlier prepare wrote."""
     if seq_len < 2 or shard_size < 1:
-        raise ValueError(f"need seq_len >= 2 and shard_size >= 1, got {seq_len=}, {shard_size=}")
+        raise DataError(f"need seq_len >= 2 and shard_size >= 1, got {seq_len=}, {shard_size=}")
     if tokenizer not in ("gpt2", "bpe"):
-        raise ValueError(f"unknown tokenizer {tokenizer!r}; allowed: 'gpt2', 'bpe'")
+        raise DataError(f"unknown tokenizer {tokenizer!r}; allowed: 'gpt2', 'bpe'")
     out = Path(out).expanduser()
     files, source_name = split_files(source, data_dir=data_dir, cache_dir=cache_dir)
     vocab = source_vocab(tokenizer, bpe_vocab_size, files["train"], data_dir=data_dir, cache_dir=cache_dir)
@@ -166,17 +166,22 @@ def source_vocab(kind: str, bpe_vocab_size: int, train_path: Path, *, data_dir=N
     return vocab_from_tokenizer(gpt2_tokenizer(*find_gpt2_files(cfg, cache_dir)), "gpt2")
 
 
+class OutFolderError(TdlmError, FileExistsError):
+    """--out cannot take the shards: a file, a folder that is not empty (without --force), or one
+    holding files a prepare does not write."""
+
+
 def claim_folder(out: Path, *, force: bool) -> None:
     """Make `out` ready to write: refuse a non-empty folder unless `force`, and even then touch
     only files a prepare wrote (anything else means the wrong folder was named)."""
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
+        raise OutFolderError(f"{out} exists and is not a folder")
     existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if existing and not force:
-        raise FileExistsError(f"{out} is not empty: choose another --out, or pass --force to replace the shards in it")
+        raise OutFolderError(f"{out} is not empty: choose another --out, or pass --force to replace the shards in it")
     foreign = [name for name in existing if not OWN_FILE.fullmatch(name)]
     if foreign:
-        raise FileExistsError(
+        raise OutFolderError(
             f"{out} holds files that `tdlm data prepare` does not write ({', '.join(foreign[:5])}): "
             "not replacing anything there; choose another --out"
         )

@@ -141,7 +141,7 @@ def vocab_from_tokenizer(tokenizer: Tokenizer, name: str) -> Vocab:
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     bos_id = tokenizer.token_to_id(END_OF_TEXT)
     if bos_id is None:
-        raise ValueError(f"tokenizer {name} has no {END_OF_TEXT} token")
+        raise DataError(f"tokenizer {name} has no {END_OF_TEXT} token")
     return Vocab(tokenizer, size, bos_id, size, token_byte_lengths(tokenizer, size), name)
 
 
@@ -153,7 +153,7 @@ def token_byte_lengths(tokenizer: Tokenizer, size: int) -> np.ndarray:
     ordinary = {token: i for token, i in tokenizer.get_vocab(with_added_tokens=True).items() if i not in special}
     foreign = set("".join(ordinary)) - set(pre_tokenizers.ByteLevel.alphabet())
     if foreign:
-        raise ValueError(f"not a byte-level BPE: tokens use {sorted(foreign)[:5]}, characters that stand for no byte")
+        raise DataError(f"not a byte-level BPE: tokens use {sorted(foreign)[:5]}, characters that stand for no byte")
     ids = np.fromiter(ordinary.values(), np.int64, len(ordinary))
     lengths = np.zeros(size, dtype=np.int64)
     lengths[ids] = np.fromiter(map(len, ordinary), np.int64, len(ordinary))

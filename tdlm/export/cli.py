@@ -20,15 +20,7 @@ def export_command(run_dir, out_dir, which, repo):
 
     if repo is not None:
         check_repo(repo)
-    from tdlm.errors import TdlmError
-    from tdlm.registry import PluginError
-
-    try:
-        folder = export_run(run_dir, out_dir, which=which)
-    except (PluginError, FileNotFoundError) as exc:  # as tdlm eval reports them: one line
-        if isinstance(exc, TdlmError):
-            raise
-        raise TdlmError(str(exc)) from None
+    folder = export_run(run_dir, out_dir, which=which)
     click.echo(f"wrote {folder}: " + ", ".join(sorted(p.name for p in folder.iterdir())))
     if repo is not None:
         click.echo(f"pushed {folder} to {repo}: {push_folder(folder, repo)}")

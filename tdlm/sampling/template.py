@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from tdlm.errors import TdlmError
+
 TAG = re.compile(r"<mask(?::([0-9]+))?>")
 MAX_SPAN_DIGITS = 9  # a span of a billion tokens is more than any model's canvas: refused as written
 TAG_START = "<mask"
@@ -25,7 +27,7 @@ SYNTAX = "write <mask> for one token to generate or <mask:N> for N of them (N >=
 Part = str | int  # literal text, or the number of tokens of a masked span
 
 
-class TemplateError(ValueError):
+class TemplateError(TdlmError, ValueError):
     """A template that cannot be parsed; the message says where and what the syntax is."""
 
 

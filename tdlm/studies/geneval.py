@@ -22,15 +22,18 @@ import numpy as np
 import torch
 
 from tdlm.data import train_tokens
+from tdlm.errors import TdlmError
+from tdlm.files import write_atomically
 from tdlm.jsontext import dumps
 from tdlm.sampling.generate import SamplerBug, generate, prompt_canvas
 from tdlm.sampling.select import options_label
 from tdlm.studies import genmetrics
+from tdlm.studies.figures import pyplot, save_figure
 
 COLLAPSE_PROMPT_FRACTION = 4  # default frequency-collapse prompt: a quarter of the length
 
 
-class GenEvalError(ValueError):
+class GenEvalError(TdlmError, ValueError):
     """A bad request (sampler option, length, reference run); the message says what to change."""
 
 
@@ -225,7 +228,7 @@ def write_report(result: dict, out_dir, *, png: bool = True) -> tuple[Path, Path
     stem = out_dir / f"geneval-{result['sampler']}-{result['id']}"
     json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png") if png else None
     result = {**result, "json": str(json_path), "png": str(png_path) if png else None}
-    json_path.write_text(dumps(result))
+    write_atomically(json_path, dumps(result))
     if png:
         plot_report(result, png_path)
     return json_path, png_path
@@ -238,10 +241,7 @@ BAR_METRICS = [("distinct_2", "distinct-2"), ("distinct_3", "distinct-3"),
 def plot_report(result: dict, path) -> None:
     """Frequency collapse (entropy and KL against distance from the prompt) and the metrics
     of the samples beside those of held-out text."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_h, ax_kl, ax_bar) = plt.subplots(1, 3, figsize=(14, 4.2))
     curve = result.get("frequency_collapse")
@@ -273,9 +273,7 @@ def plot_report(result: dict, path) -> None:
     fig.suptitle(f"{result['sampler']} {options_label(result['options'])}: NFE {result['nfe']}, "
                  f"{tps or float('nan'):.0f} tokens/s, entropy {result['unigram_entropy_bits']:.2f} bits "
                  f"(data {data.get('unigram_entropy_bits', float('nan')):.2f})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, Path(path), plt, dpi=100)
 
 
 def collapse_limits(curve: dict) -> tuple[float, float]:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import click
 
-from tdlm.errors import TdlmError
+from tdlm.cli_options import check_device, check_seed, sampler_options
+from tdlm.errors import TdlmError, UsageError
+from tdlm.files import write_atomically
 from tdlm.jsontext import dumps
 
 INSTALL = 'pip install -e ".[lm-eval]"'
@@ -53,22 +55,20 @@ def lm_eval_command(run_dir, tasks, include_path, limit, which, t_samples, seed,
                     output, as_json):
     """Run lm-evaluation-harness TASKS on a trained run: exact log-likelihoods for AR, for diffusion
     bounds (minus the NELBO of the continuation given the context: accuracies compare bounds)."""
-    from tdlm.cli import _check_seed, _device, _sampler_options  # the checks of every tdlm command
-
     harness = import_harness()
     if seed is not None:
-        _check_seed(seed)
+        check_seed(seed)
     if output is not None and not Path(output).resolve().parent.is_dir():
-        raise TdlmError(f"--output {output}: the folder {Path(output).resolve().parent} does not exist")
+        raise UsageError(f"--output {output}: the folder {Path(output).resolve().parent} does not exist")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lines would bury the table
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     results = harness.run_tasks(run_dir, names, include_path=include_path, limit=limit, which=which,
-                                t_samples=t_samples, seed=seed, device=_device(device), batch_size=batch_size,
-                                sampler=sampler, sampler_options=_sampler_options(options) if options else None)
+                                t_samples=t_samples, seed=seed, device=check_device(device), batch_size=batch_size,
+                                sampler=sampler, sampler_options=sampler_options(options) if options else None)
     from lm_eval.utils import handle_non_serializable, make_table
 
     if output is not None:
-        Path(output).write_text(dumps(results, default=handle_non_serializable))
+        write_atomically(output, dumps(results, default=handle_non_serializable))
     summary = {"tdlm": results["tdlm"], "results": results["results"], "n-samples": results.get("n-samples")}
     if as_json:
         click.echo(dumps(summary, default=handle_non_serializable))

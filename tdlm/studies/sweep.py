@@ -22,9 +22,9 @@ file's stem; left out for a single base), one label per grid key (`lr0.001`) and
 (its label, or its keys' labels), e.g. `ar-lr0.001-ep20`. Every run's recipe is read with its
 overrides and its components resolved at load time, so a typo fails before anything runs.
 
-A run's status is tdlm.rundir's: finished (skipped), stopped (it has a checkpoint: it goes on
-with --resume), aborted (it started but died before its first checkpoint: that directory is
-moved to <out_dir>/<name>/.aborted/ and the run starts again) or new.
+A run's status is tdlm.training.run_lock's: finished (skipped), stopped (it has a checkpoint: it
+goes on with --resume), aborted (it started but died before its first checkpoint: that directory
+is moved to <out_dir>/<name>/.aborted/ and the run starts again) or new.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ from tdlm.config import (
     resolve_components,
     toml_value,
 )
-from tdlm.rundir import run_status, set_aside
+from tdlm.errors import TdlmError
+from tdlm.files import write_atomically
+from tdlm.training.run_lock import run_status, set_aside
 
 SLURM_TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "slurm_array.sh"
 RESERVED_KEYS = ("run.name", "run.out_dir")  # the sweep sets these itself
@@ -63,7 +65,7 @@ GPT2_VOCAB = 50257
 SAFE_NAME = re.compile(r"[A-Za-z0-9._+-]+")  # run names are directory names
 
 
-class SweepError(ValueError):
+class SweepError(TdlmError, ValueError):
     """A sweep file that cannot run: the message says which key, run or file and why."""
 
 
@@ -411,7 +413,7 @@ def slurm_script(sweep: Sweep, runs: list[SweepRun], *, launch_config: str, gpus
     folder = sweep.out_dir.resolve() / "launch"
     folder.mkdir(parents=True, exist_ok=True)
     commands = folder / "commands.tsv"
-    commands.write_text("".join(f"{run.run_dir}\t{shlex.join(run_arguments(run))}\n" for run in runs))
+    write_atomically(commands, "".join(f"{run.run_dir}\t{shlex.join(run_arguments(run))}\n" for run in runs))
     values = {
         "JOB_NAME": sweep.name, "LAST_INDEX": str(len(runs) - 1), "GPUS": str(gpus), "TIME": time_limit,
         "LOG_DIR": str(folder / "logs"), "WORKDIR": os.getcwd(), "BIN_DIR": str(Path(sys.executable).parent),
@@ -424,7 +426,7 @@ def slurm_script(sweep: Sweep, runs: list[SweepRun], *, launch_config: str, gpus
         raise SweepError(f"{template}: no value for placeholder(s) {', '.join(missing)}")
     (folder / "logs").mkdir(exist_ok=True)
     script = folder / "slurm_array.sh"
-    script.write_text(text)
+    write_atomically(script, text)
     script.chmod(0o755)
     return script, commands
 

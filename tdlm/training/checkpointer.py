@@ -30,6 +30,7 @@ steps left open, and the training seconds, steps, wall seconds and sessions of t
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -321,8 +322,8 @@ def read_weights(path: Path) -> dict:
     file = Path(path) / "model.safetensors"
     try:
         return load_file(file)
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError:  # safetensors' names no file: this one does, for the caller's message
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(file)) from None
     except Exception as exc:  # noqa: BLE001 - SafetensorError and I/O errors: a damaged file
         raise _unreadable(file, exc) from exc
 
