@@ -122,9 +122,10 @@ def run(recipe, overrides, unset, resume, stop_at, check):
         click.echo(to_toml(resolved_dict(cfg, components)))
         return
     from tdlm.evaluate import format_result
+    from tdlm.rundir import load_draft
     from tdlm.training.trainer import train
 
-    summary = train(cfg, components, resume=resume, stop_at=stop_at, started=started)
+    summary = train(cfg, components, resume=resume, stop_at=stop_at, started=started, load_draft=load_draft)
     if os.environ.get("RANK", "0") != "0":  # one report per run, from the main process
         return
     if summary["status"] != "finished":

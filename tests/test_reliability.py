@@ -284,7 +284,7 @@ def test_summary_figures_cover_every_session(tmp_path, corpus, monkeypatch):
 
     def timed_step(self):  # the first session's steps take >= 0.25 s each; every step is timed
         began = time.perf_counter()
-        if self.sessions == 1:
+        if self.clock.sessions == 1:
             time.sleep(slow)
         loss = step(self)
         step_seconds.append(time.perf_counter() - began)

@@ -23,8 +23,9 @@ that fails (no space left, a read-only folder, a stop signal's exception) remove
 directory, keeps `last` and says so in one line (CheckpointError); what a kill -9 left (a
 staging directory, a temporary file) is removed by the next process that takes the run
 (remove_leftovers). state.pt also
-carries what makes a resume exact and its figures whole: the log window a stop between log
-steps left open, and the training seconds, steps, wall seconds and sessions of the run so far.
+carries what makes a resume exact and its figures whole (tdlm.training.checkpoint_state): the
+log window a stop between log steps left open, and the training seconds, steps, wall seconds
+and sessions of the run so far.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 from tdlm.errors import CheckpointError, CheckpointNotFound, TrainingDiverged
 from tdlm.files import describe, remove_temporaries, rename_folder, write_atomically
+from tdlm.training.checkpoint_state import TrainingState, rng_state, set_rng_state  # noqa: F401 - rng_*: first here
 
 POINTERS = ("last", "best")
 READ_ATTEMPTS = 5  # pointer re-reads when a concurrent save pruned the directory being read
@@ -388,19 +390,6 @@ def load_state(path: Path) -> dict:
     return state
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Checkpointer:
     """When and how the trainer's checkpoints are written: at every evaluation, every
     `training.checkpoint_every` steps (and whenever the run stops); the weights gathered from every
@@ -415,10 +404,10 @@ class Checkpointer:
         `checkpoint_every` steps. (A stop always saves.)"""
         return evaluated or bool(self.every and step % self.every == 0)
 
-    def save(self, model, step: int, state, *, best: bool) -> None:
+    def save(self, model, step: int, state: Callable[[], TrainingState], *, best: bool) -> None:
         """Write checkpoint `step`. `state()` gives the trainer's state (called on the main
-        process after the weights are gathered); `best`: point `best` at it too. Weights that are
-        not finite are not saved: TrainingDiverged."""
+        process after the weights are gathered; saved as TrainingState.saved() says); `best`: point
+        `best` at it too. Weights that are not finite are not saved: TrainingDiverged."""
         from tdlm.training.distributed import from_main, unwrap
 
         acc = self.accelerator
@@ -442,8 +431,8 @@ class Checkpointer:
         problem = None
         if acc.is_main_process:
             try:
-                save_checkpoint(self.run_dir, step, weights, state(), pointers=("last", "best") if best else ("last",),
-                                staged=self.deepspeed and fresh)
+                save_checkpoint(self.run_dir, step, weights, state().saved(),
+                                pointers=("last", "best") if best else ("last",), staged=self.deepspeed and fresh)
             except CheckpointError as exc:  # no space left: the staging files are gone, "last" is kept
                 problem = exc
         problem = from_main(acc, problem)

@@ -1,8 +1,10 @@
 """The training loop: data -> corruption -> model -> objective -> step -> eval -> sample.
 
-`Trainer.fit` is the whole loop; each thing it does is a named method below it. The batch of
-global step s and the noise of step s are pure functions of (seed, s), so a resumed run
-continues exactly where an uninterrupted one would be.
+`Trainer.fit` is the whole loop; each thing it does is a named method below it, and the parts
+decide for themselves: the evaluator and the checkpointer when they are due, the clock where
+the time went (tdlm.training.clock), the checkpoint state what a resume needs
+(tdlm.training.checkpoint_state). The batch of global step s and the noise of step s are pure
+functions of (seed, s), so a resumed run continues exactly where an uninterrupted one would be.
 """
 
 from __future__ import annotations
@@ -10,13 +12,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from tdlm.training import checkpointer as ckpt
 from tdlm.config import RecipeError, RunConfig, check_warmup, resolved_dict, to_toml
 from tdlm.data import load_corpus, train_stream
 from tdlm.training.distributed import StopAgreement, device_name, from_main, gathered_parameters, make_accelerator, unwrap
@@ -26,23 +26,29 @@ from tdlm.errors import DataError, RunError, RunInterrupted, TrainingDiverged, W
 from tdlm.evaluate import EvaluationStopped
 from tdlm.files import write_atomically
 from tdlm.init_from import start_from, with_resolved_source
-from tdlm.studies.flops import flops_per_token, mfu, peak_flops
 from tdlm.lm import build_model
-from tdlm.training.monitor import RunLogger, read_metrics, rewrite_metrics
+from tdlm.training import checkpointer as ckpt
+from tdlm.training.checkpoint_state import TrainingState, rng_state, set_rng_state
+from tdlm.training.clock import SessionClock
 from tdlm.training.evaluator import Evaluator
+from tdlm.training.flops import flops_per_token, mfu, peak_flops
 from tdlm.training.interrupts import StopSignals
+from tdlm.training.log_window import LogWindow
+from tdlm.training.monitor import RunLogger, read_metrics, rewrite_metrics
+from tdlm.training.run_files import check_resume_config, with_manifest, write_config, write_run_files
+from tdlm.training.run_lock import claim_run_dir
 from tdlm.training.step import TrainStep, mixed_precision
-from tdlm.rundir import (check_resume_config, claim_run_dir, load_draft, vocab_info, with_manifest, write_config,
-                         write_run_files)
+from tdlm.vocab_info import vocab_info
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None,
-                 started: float | None = None):
-        # this session's seconds by phase (summary.json "timing"); `started`: when the command began
-        # (time.perf_counter()), so the start-up counts its imports and the recipe's checks
-        self.command_started = time.perf_counter() if started is None else started
-        self.phase_seconds = {"eval_s": 0.0, "save_s": 0.0, "final_scoring_s": 0.0}
+                 started: float | None = None, load_draft=None):
+        # `started`: when the command began (time.perf_counter()), so the start-up counts its imports
+        self.clock = SessionClock(started)
+        # how the sampler of the periodic samples reads a draft run, if it drafts with one: the command
+        # passes tdlm.rundir.load_draft (training does not import the runs layer that loads whole runs)
+        self.load_draft = load_draft
         self.accelerator = make_accelerator(mixed_precision(cfg.training.mixed_precision))
         # shards fix the corpus and the tokenizer: the saved config (and a resume's check) say which
         warn = (lambda line: tqdm.write(line, file=sys.stderr)) if self.accelerator.is_main_process else None
@@ -74,8 +80,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
         self.components = components
         self.vocab_info = vocab_info(self.corpus)  # counts the train tokens: once
-        # the sampler of the periodic samples may draft with another run: it reads it through load_draft
-        self.built = build_model(cfg, components, self.vocab_info, load_draft=load_draft)
+        self.built = build_model(cfg, components, self.vocab_info, load_draft=self.load_draft)
         self.source = None  # a resume loads the run's own checkpoint below, never the source
         if cfg.training.init_from and not resume:
             self.source = start_from(self.built.model, cfg, record)  # record: data.json names the source
@@ -98,10 +103,7 @@ class Trainer:
         self.checkpointer = ckpt.Checkpointer(self.run_dir, acc, deepspeed=self.train_step.sharded,
                                               every=self.tc.checkpoint_every)
         self.step = 0
-        # totals over every session of the run (kept in the checkpoints): training time alone (no
-        # eval, no saving; for tokens/s and MFU) and its steps, wall time, sessions
-        self.train_seconds, self.timed_steps, self.wall_before, self.sessions = 0.0, 0, 0.0, 1
-        self._reset_window()
+        self.window = LogWindow(acc.device)
         if resume:
             self._resume()
             if acc.is_main_process and self.resume_changes:  # allowed ones (checked in _claim_run_dir)
@@ -125,13 +127,6 @@ class Trainer:
                 use = "every eval scores it" if split == "valid" else "eval.final_splits scores it"
                 raise DataError(f"the {split} split of {where} holds no tokens, and {use}: give it text"
                                 + ("" if split == "valid" else f" or leave {split} out of eval.final_splits"))
-
-    def _reset_window(self) -> None:
-        """The figures of the steps since the last log record: loss sum, steps, training seconds and
-        the objective's stats (summed on the device, read at the next log step)."""
-        self.window_loss = torch.zeros((), device=self.accelerator.device)
-        self.window_steps, self.window_seconds = 0, 0.0
-        self.window_stats: dict[str, torch.Tensor] = {}
 
     @property
     def stop_requested(self) -> bool:
@@ -166,25 +161,20 @@ class Trainer:
         return f"keeps its last checkpoint, step {step}", "continue with tdlm run RECIPE --resume"
 
     def _loop(self) -> dict:
-        acc, tc = self.accelerator, self.tc
+        self.clock.start_loop()
         self._announce()
         self.signals.start_training()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.logging.progress and acc.is_main_process),
-                   desc=self.cfg.run.name, dynamic_ncols=True)
-        window_start = time.perf_counter()
+        shown = self.cfg.logging.progress and self.accelerator.is_main_process
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not shown, desc=self.cfg.run.name,
+                   dynamic_ncols=True)
         try:
             if self.stop_agreement.any(self._read_ahead() is not None):
                 raise self._data_damaged(saved=False)  # no step of this session is lost
             while self.step < self.total_steps:
-                began = time.perf_counter()
-                loss, stats = self.run_step()
-                # the session's first step alone: torch.compile and lazy set-up land in it
-                self.phase_seconds.setdefault("first_step_s", time.perf_counter() - began)
-                self.window_loss += loss
-                for key, value in stats.items():  # summed on the device; read at the next log step
-                    self.window_stats[key] = self.window_stats.get(key, 0) + value
+                with self.clock.step():
+                    loss, stats = self.run_step()
+                self.window.add(loss, stats)
                 self.step += 1
-                self.window_steps += 1
                 bar.update(1)
                 at_eval = self.evaluator.should_run(self.step)
                 # the next step's batch is read now: a damaged shard stops the run here, with a checkpoint
@@ -193,22 +183,16 @@ class Trainer:
                 at_ckpt = self.checkpointer.due(self.step, evaluated=at_eval)  # a stop saves too (below)
                 # a stop between log steps logs nothing: its checkpoint carries the open window, and
                 # the next session logs it where an uninterrupted run would
-                logging = self.step % tc.log_every == 0 or at_ckpt
+                logging = self.step % self.tc.log_every == 0 or at_ckpt
                 if logging or stopping:
-                    self.window_seconds += time.perf_counter() - window_start
-                if logging:
-                    self.train_seconds += self.window_seconds
-                    self.timed_steps += self.window_steps
-                    self.log_train(self.window_loss / self.window_steps,
-                                   self.window_steps * self.tokens_per_step / max(self.window_seconds, 1e-9), bar)
-                    self._reset_window()
-                if at_eval:
-                    self.evaluate_and_sample()
-                if at_ckpt or stopping:
-                    self.save()
-                    stopping = stopping or self.signals.urgent  # a second signal waited for this save
-                if logging or stopping:  # the next window times training only, not this step's eval and save
-                    window_start = time.perf_counter()
+                    with self.clock.paused():  # the window times training only: not the log, eval and save
+                        if logging:
+                            self.log_train(bar)
+                        if at_eval:
+                            self.evaluate_and_sample()
+                        if at_ckpt or stopping:
+                            self.save()
+                            stopping = stopping or self.signals.urgent  # a second signal waited for this save
                 if stopping:
                     summary = self.finish("stopped", bar)
                     if damaged:
@@ -262,41 +246,46 @@ class Trainer:
             raise RunError(f"run directory {self.run_dir} was removed while training; nothing more can be saved "
                            "(start the run again)")
 
-    def log_train(self, loss: torch.Tensor, tokens_per_s: float, bar) -> None:
+    def log_train(self, bar) -> None:
+        """Log the window's mean loss, the learning rate, gradient norm, tokens/s and epoch (and the
+        objective's loss by t), then open the next window."""
         self.check_run_dir()
-        loss = self.accelerator.reduce(loss, reduction="mean").item()  # the host sync of a window
+        window = self.window
+        seconds = self.clock.close_window(window.steps)
+        tokens_per_s = window.steps * self.tokens_per_step / max(seconds, 1e-9)
+        loss = self.accelerator.reduce(window.loss / window.steps, reduction="mean").item()  # the window's host sync
         if not math.isfinite(loss):
             raise self.checkpointer.diverged(f"training loss became {loss} by step {self.step}")
         metrics = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                    "grad_norm": float(self.train_step.grad_norm), "tokens_per_s": tokens_per_s,
                    "epoch": self.stream.epoch_of(self.step)}
         self.logger.log(self.step, metrics, "train")
-        if "bucket_loss" in self.window_stats:  # the NELBO integrand per token by t, this window
-            sums = self.accelerator.reduce(self.window_stats["bucket_loss"], reduction="sum").tolist()
-            counts = self.accelerator.reduce(self.window_stats["bucket_count"], reduction="sum").tolist()
+        if "bucket_loss" in window.stats:  # the NELBO integrand per token by t, this window
+            sums = self.accelerator.reduce(window.stats["bucket_loss"], reduction="sum").tolist()
+            counts = self.accelerator.reduce(window.stats["bucket_count"], reduction="sum").tolist()
             self.logger.log(self.step, {f"loss_t{i / len(sums):.1f}": s / c
                                         for i, (s, c) in enumerate(zip(sums, counts)) if c}, "train_by_t")
-        self.window_stats = {}
+        window.reset()
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
 
     def evaluate_and_sample(self) -> dict:
         """The periodic validation figure (logged; it decides `best`) and samples."""
-        began = time.perf_counter()
-        model = unwrap(self.accelerator, self.model)
-        with gathered_parameters(model):
-            result = self.evaluator.validate(model)
-        if not math.isfinite(result["nll_per_token"]):  # NaN weights: nothing to sample or save
-            raise self.checkpointer.diverged(f"the validation figure became {result['nll_per_token']} at step {self.step}")
-        self.logger.log(self.step, _scalars(result), "val")
-        by_t = {f"masked_ce_t{b['t'][0]:.1f}": b["masked_ce"]
-                for b in result.get("t_buckets", []) if b["masked_ce"] is not None}
-        if by_t:
-            self.logger.log(self.step, by_t, "val_by_t")
-        with gathered_parameters(model):  # on every process: engines that shard weights need all in the forward
-            self.samples = self.sample_text(model)
-        for i, text in enumerate(self.samples):
-            self.logger.text(self.step, f"sample/{i}", text)
-        self.phase_seconds["eval_s"] += time.perf_counter() - began
+        with self.clock.phase("eval_s"):
+            model = unwrap(self.accelerator, self.model)
+            with gathered_parameters(model):
+                result = self.evaluator.validate(model)
+            if not math.isfinite(result["nll_per_token"]):  # NaN weights: nothing to sample or save
+                raise self.checkpointer.diverged(f"the validation figure became {result['nll_per_token']} "
+                                                 f"at step {self.step}")
+            self.logger.log(self.step, _scalars(result), "val")
+            by_t = {f"masked_ce_t{b['t'][0]:.1f}": b["masked_ce"]
+                    for b in result.get("t_buckets", []) if b["masked_ce"] is not None}
+            if by_t:
+                self.logger.log(self.step, by_t, "val_by_t")
+            with gathered_parameters(model):  # on every process: engines that shard weights need all in the forward
+                self.samples = self.sample_text(model)
+            for i, text in enumerate(self.samples):
+                self.logger.text(self.step, f"sample/{i}", text)
         return result
 
     def sample_text(self, model, num: int | None = None) -> list[str]:
@@ -316,26 +305,22 @@ class Trainer:
         """A full-weights checkpoint any single process can load (`tdlm eval`, `tdlm sample`), plus
         what resuming needs (the checkpointer writes it)."""
         self.check_run_dir()
-        acc, window, began = self.accelerator, None, time.perf_counter()
-        if self.window_steps:  # stopped between log steps: the next session logs this window
-            window = {"steps": self.window_steps, "seconds": self.window_seconds,
-                      "loss_sum": acc.reduce(self.window_loss, reduction="mean").item(),
-                      "stats": {k: acc.reduce(v, reduction="sum").cpu() for k, v in self.window_stats.items()}}
+        with self.clock.phase("save_s"):
+            # stopped between log steps: the next session logs this window (reduced on every process)
+            window = self.window.to_save(self.accelerator, self.clock.window_seconds)
 
-        def state() -> dict:
-            state = {"step": self.step, "best": self.evaluator.best, "rng": ckpt.rng_state(),
-                     "engine": self.engine_name(), "processes": acc.num_processes, "total_steps": self.total_steps,
-                     "window": window, "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
-                     "wall_seconds": self._wall_seconds(), "sessions": self.sessions,
-                     "pointer_info": {"val_nll": self.evaluator.last.get("nll_per_token")}}
-            if not self.train_step.sharded:
-                state["optimizer"] = self.optimizer.state_dict()
-            return state
+            def state() -> TrainingState:  # on the main process, once the weights are gathered
+                return TrainingState(
+                    step=self.step, best=self.evaluator.best, rng=rng_state(), engine=self.engine_name(),
+                    processes=self.accelerator.num_processes, total_steps=self.total_steps, window=window,
+                    train_seconds=self.clock.train_seconds, timed_steps=self.clock.timed_steps,
+                    wall_seconds=self.clock.wall_seconds(), sessions=self.clock.sessions,
+                    val_nll=self.evaluator.last.get("nll_per_token"),
+                    optimizer=None if self.train_step.sharded else self.optimizer.state_dict())
 
-        best, self.evaluator.is_best = self.evaluator.is_best, False
-        with self.signals.saving(self.step):  # a second signal waits for the checkpoint to be whole
-            self.checkpointer.save(self.model, self.step, state, best=best)
-        self.phase_seconds["save_s"] += time.perf_counter() - began
+            best, self.evaluator.is_best = self.evaluator.is_best, False
+            with self.signals.saving(self.step):  # a second signal waits for the checkpoint to be whole
+                self.checkpointer.save(self.model, self.step, state, best=best)
 
     def engine_name(self) -> str:
         if self.deepspeed:
@@ -354,61 +339,52 @@ class Trainer:
                    "epochs": self.stream.epoch_of(self.step),
                    **self.sizes, "engine": self.engine_name(),
                    "device": device_name(acc.device), "processes": acc.num_processes,
-                   **self._throughput(), "sessions": self.sessions,
-                   "wall_time_s": self._wall_seconds()}
+                   **self._throughput(), "sessions": self.clock.sessions,
+                   "wall_time_s": self.clock.wall_seconds()}
         if status == "finished":
-            began = time.perf_counter()
-            # the best weights, in a plain copy of the model on every process (the trained module
-            # may be partitioned by ZeRO-3); processes share the scoring as in training
-            model = build_model(self.cfg, self.components, self.vocab_info).model.to(acc.device)
-            best_dir = ckpt.checkpoint_dir(self.run_dir, "best")
-            ckpt.load_weights(model, best_dir)
-            summary["checkpoint"] = best_dir.name
-            try:
-                for split in self.cfg.eval.final_splits:
-                    summary[split] = self.evaluator.score_split(model, split, progress=self.cfg.logging.progress,
-                                                                stoppable=True)
-                    self.logger.log(self.step, _scalars(summary[split]), f"final_{split}")
-            except EvaluationStopped:  # the checkpoint is saved: --resume scores it again
-                summary = {k: v for k, v in summary.items() if k not in ("valid", "test", "checkpoint")}
-                summary["status"] = "stopped"
-                if acc.is_main_process:
-                    tqdm.write("tdlm: stopped during the final scoring; the checkpoint is saved, and "
-                               "--resume scores it", file=sys.stderr)
-            if summary["status"] == "finished":
-                summary["samples"] = self.sample_text(model)
-            summary["wall_time_s"] = self._wall_seconds()
-            self.phase_seconds["final_scoring_s"] = time.perf_counter() - began
-        summary["timing"] = self._timing()
+            with self.clock.phase("final_scoring_s"):
+                summary = self._score_best(summary)
+        summary["timing"] = self.clock.timing()
         if acc.is_main_process:
             write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         acc.wait_for_everyone()
+        return summary
+
+    def _score_best(self, summary: dict) -> dict:
+        """`summary` with the best checkpoint's final scores on eval.final_splits and a sample, or
+        marked stopped when a signal stopped the scoring."""
+        acc = self.accelerator
+        # the best weights, in a plain copy of the model on every process (the trained module
+        # may be partitioned by ZeRO-3); processes share the scoring as in training
+        model = build_model(self.cfg, self.components, self.vocab_info).model.to(acc.device)
+        best_dir = ckpt.checkpoint_dir(self.run_dir, "best")
+        ckpt.load_weights(model, best_dir)
+        summary["checkpoint"] = best_dir.name
+        try:
+            for split in self.cfg.eval.final_splits:
+                summary[split] = self.evaluator.score_split(model, split, progress=self.cfg.logging.progress,
+                                                            stoppable=True)
+                self.logger.log(self.step, _scalars(summary[split]), f"final_{split}")
+        except EvaluationStopped:  # the checkpoint is saved: --resume scores it again
+            summary = {k: v for k, v in summary.items() if k not in ("valid", "test", "checkpoint")}
+            summary["status"] = "stopped"
+            if acc.is_main_process:
+                tqdm.write("tdlm: stopped during the final scoring; the checkpoint is saved, and "
+                           "--resume scores it", file=sys.stderr)
+        if summary["status"] == "finished":
+            summary["samples"] = self.sample_text(model)
+        summary["wall_time_s"] = self.clock.wall_seconds()
         return summary
 
     def _throughput(self) -> dict:
         """Training tokens/s over every session of the run (eval and saving excluded), the seconds
         they took, FLOPs per token and MFU."""
         acc, per_token = self.accelerator, self.flops_per_token
-        seconds = self.train_seconds + self.window_seconds  # the open window of a stop between log steps
-        steps = self.timed_steps + self.window_steps
+        seconds, steps = self.clock.training_time(open_steps=self.window.steps)  # a stop's open window too
         rate = steps * self.tokens_per_step / seconds if seconds else None
         peak = peak_flops(acc.device, acc.mixed_precision)
         return {"train_tokens_per_s": rate, "train_seconds": seconds, "flops_per_token": per_token,
                 "mfu": mfu(rate, per_token, peak * acc.num_processes) if rate and peak else None}
-
-    def _timing(self) -> dict:
-        """This session's seconds by phase: start-up (imports, data and tokenizer cache, model build,
-        up to the first step), the first step alone (torch.compile's tracing lands there), the
-        periodic evaluations with their samples, checkpoint saves, the final scoring, and the whole
-        command so far. Training time is train_seconds (every session)."""
-        now = time.perf_counter()
-        return {"startup_s": self.started - self.command_started, **self.phase_seconds,
-                "command_s": now - self.command_started}
-
-    def _wall_seconds(self) -> float:
-        """Wall time of the run's sessions: each from the start of its loop to its last checkpoint
-        (what a checkpoint records), this one to now."""
-        return self.wall_before + time.perf_counter() - self.started
 
     # -- set-up helpers ----------------------------------------------------------------------
     def _claim_run_dir(self, resume: bool, components: dict):
@@ -434,13 +410,13 @@ class Trainer:
         acc = self.accelerator
         # last, or (when it cannot be read) the newest readable one; DeepSpeed reads its engine state instead
         sharded = self.train_step.sharded
-        path, state, weights, skipped = ckpt.readable_checkpoint(
+        path, saved, weights, skipped = ckpt.readable_checkpoint(
             self.run_dir, weights=not sharded, expected=unwrap(acc, self.model).state_dict())
-        written_by = state.get("engine", "single")
-        if sharded or written_by.startswith(("deepspeed", "fsdp")):
-            if written_by != self.engine_name() or state.get("processes") != acc.num_processes:
+        state = TrainingState.from_saved(saved)
+        if sharded or state.sharded:
+            if state.engine != self.engine_name() or state.processes != acc.num_processes:
                 raise RecipeError(
-                    f"--resume: {path} was written by {state.get('processes')} process(es) with {written_by}; this run "
+                    f"--resume: {path} was written by {state.processes} process(es) with {state.engine}; this run "
                     f"has {acc.num_processes} with {self.engine_name()}. DeepSpeed checkpoints resume only on the "
                     "same engine and process count (their optimizer state is sharded per process; FSDP's too); a plain run "
                     "resumes on any number of processes. The weights load anywhere: tdlm eval / tdlm sample."
@@ -448,25 +424,20 @@ class Trainer:
             acc.load_state(str(path / "engine"))
         else:
             unwrap(acc, self.model).load_state_dict(weights)
-            self.optimizer.load_state_dict(state["optimizer"])
-        ckpt.set_rng_state(state["rng"])
-        self.step, self.evaluator.best = state["step"], state["best"]
+            self.optimizer.load_state_dict(state.optimizer)
+        set_rng_state(state.rng)
+        self.step, self.evaluator.best = state.step, state.best
         if skipped:
             self._fall_back(path, state, skipped)
         if self.step > self.total_steps:
             raise RunError(f"--resume: the run is at step {self.step}, past the recipe's {self.total_steps} steps "
                            "(training.max_steps / training.epochs); it can be made longer, not shorter")
         self._check_stop_at()
-        self.train_seconds, self.timed_steps = state.get("train_seconds", 0.0), state.get("timed_steps", 0)
-        self.wall_before, self.sessions = state.get("wall_seconds", 0.0), state.get("sessions", 1) + 1
-        window = state.get("window")
-        if window:  # the window a stop between log steps left open
-            self.window_steps, self.window_seconds = window["steps"], window["seconds"]
-            self.window_loss.fill_(window["loss_sum"])  # the mean over processes, on each
-            if acc.is_main_process:  # sums over processes, on one
-                self.window_stats = {k: v.to(acc.device) for k, v in window["stats"].items()}
+        self.clock.continue_run(state)
+        if state.window is not None:  # the window a stop between log steps left open
+            self.window.restore(state.window, acc)
         if acc.is_main_process:
-            before = state.get("total_steps", self.total_steps)
+            before = self.total_steps if state.total_steps is None else state.total_steps
             if before != self.total_steps:
                 tqdm.write(f"tdlm: warning: the run had {before} steps and now has {self.total_steps}: the learning-rate "
                            f"schedule decays over the new total from step {self.step} on, so this run is no longer "
@@ -481,7 +452,7 @@ class Trainer:
             rewrite_metrics(self.run_dir, [r for r in read_metrics(self.run_dir) if r["step"] < self.step or (
                 r["step"] == self.step and not (rescoring and r["kind"].startswith("final_")))])
 
-    def _fall_back(self, path, state: dict, skipped: list[str]) -> None:
+    def _fall_back(self, path, state: TrainingState, skipped: list[str]) -> None:
         """`last` could not be read and the run resumes from `path`: the unreadable directories
         newer than it are set aside (a later save of their step must not find them), `last`
         names `path`, and so does `best` if it named one of them."""
@@ -491,7 +462,7 @@ class Trainer:
             moved = [ckpt.set_aside(p) for p in ckpt.step_dirs(self.run_dir) if int(p.name[5:]) > self.step]
             best = ckpt._pointer_or_none(root, "best")
             if best is None or not (root / best["dir"]).is_dir():
-                val = state.get("pointer_info", {}).get("val_nll")
+                val = state.val_nll
                 self.evaluator.best = val if val is not None else math.inf  # the next eval that beats it is best
                 ckpt.point(self.run_dir, "best", path, self.step, val_nll=val)
             ckpt.point(self.run_dir, "last", path, self.step)
@@ -507,7 +478,6 @@ class Trainer:
             raise RunError(f"--stop-at {self.stop_at}: the run {where}; give a later step")
 
     def _announce(self) -> None:
-        self.started = time.perf_counter()
         if self.accelerator.is_main_process:
             tqdm.write(
                 f"tdlm: {self.cfg.run.name} -> {self.run_dir} | {self.cfg.objective.name} objective | "
@@ -515,7 +485,7 @@ class Trainer:
                 f"vocab {self.vocab.size:,} | {self.stream.num_sequences:,} train sequences of {self.cfg.data.seq_len} | "
                 f"{self.total_steps:,} steps ({self.total_steps / self.stream.batches_per_epoch:.2f} epochs) | "
                 f"{self.accelerator.num_processes} process(es) ({self.engine_name()}) on {device_name(self.accelerator.device)}"
-                + (f" | resuming at step {self.step} (session {self.sessions})" if self.sessions > 1 else "")
+                + (f" | resuming at step {self.step} (session {self.clock.sessions})" if self.clock.sessions > 1 else "")
                 + (f" | weights from {self.source.checkpoint}" if self.source else "")
             )
 
@@ -526,5 +496,5 @@ def _scalars(result: dict) -> dict:
 
 
 def train(cfg: RunConfig, components: dict, *, resume: bool = False, stop_at: int | None = None,
-          started: float | None = None) -> dict:
-    return Trainer(cfg, components, resume=resume, stop_at=stop_at, started=started).fit()
+          started: float | None = None, load_draft=None) -> dict:
+    return Trainer(cfg, components, resume=resume, stop_at=stop_at, started=started, load_draft=load_draft).fit()
