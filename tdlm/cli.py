@@ -178,14 +178,13 @@ def eval_(run_dir, split, texts, source, t_samples, which, batch_size, seed, t_s
     from tdlm.data.corpus import text_file_tokens
     from tdlm.data.shards_prepare import held_out_file
     from tdlm.evaluate import evaluate, format_result
+    from tdlm.rundir import load_run
 
     if source is not None and texts:
         _fail("give --text FILE or --data SOURCE, not both")
     device = check_device(device)
     if seed is not None:
         check_seed(seed)
-    from tdlm.rundir import load_run
-
     loaded = load_run(run_dir, which=which, device=device, overrides=list(overrides))
     for key, (saved, used) in loaded.overrides.items():
         click.echo(f"tdlm: {key}: {saved} -> {used}", err=True)
@@ -271,6 +270,7 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
     """
     import torch
 
+    from tdlm.rundir import load_run
     from tdlm.sampling.generate import generate
     from tdlm.sampling.template import parse_template
 
@@ -288,8 +288,6 @@ def sample(run_dir, num, length, prompt, template, stop_at_eos, sampler, options
     device = check_device(device)
     check_seed(seed)
     sampler_choice = (sampler, sampler_options(options)) if sampler or options else None
-    from tdlm.rundir import load_run
-
     loaded = load_run(run_dir, which=which, device=device, sampler=sampler_choice)  # the sampler fits the run
     vocab, cfg, built_sampler = loaded.corpus.vocab, loaded.cfg, loaded.built.sampler
     if stop_at_eos:

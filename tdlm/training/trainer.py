@@ -19,10 +19,9 @@ from tqdm.auto import tqdm
 
 from tdlm.config import RecipeError, RunConfig, check_warmup, resolved_dict, to_toml
 from tdlm.data import load_corpus, train_stream
-from tdlm.training.distributed import StopAgreement, device_name, from_main, gathered_parameters, make_accelerator, unwrap
 from tdlm.data.manifest import ShardError
 from tdlm.data.record import check_record, data_record, write_record
-from tdlm.errors import DataError, RunError, RunInterrupted, TrainingDiverged, WriteError  # noqa: F401 - the CLI and tests import it from here
+from tdlm.errors import DataError, RunError, RunInterrupted, TrainingDiverged, WriteError  # noqa: F401 - tests import it from here
 from tdlm.evaluate import EvaluationStopped
 from tdlm.files import write_atomically
 from tdlm.init_from import start_from, with_resolved_source
@@ -30,6 +29,7 @@ from tdlm.lm import build_model
 from tdlm.training import checkpointer as ckpt
 from tdlm.training.checkpoint_state import TrainingState, rng_state, set_rng_state
 from tdlm.training.clock import SessionClock
+from tdlm.training.distributed import StopAgreement, device_name, from_main, gathered_parameters, make_accelerator, unwrap
 from tdlm.training.evaluator import Evaluator
 from tdlm.training.flops import flops_per_token, mfu, peak_flops
 from tdlm.training.interrupts import StopSignals
