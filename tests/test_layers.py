@@ -35,7 +35,7 @@ LAYERS = {
     "tdlm.components": 2,
     "tdlm.registry": 2,
     "tdlm.config": 2,
-    "tdlm.plugin": 2,
+    "tdlm.plugin": 2,  # the plugin API's front door, should it get a module of its own
     "tdlm.builtins": 2,
     "tdlm.lm": 2,
     "tdlm.vocab_info": 2,  # a corpus's vocabulary as the VocabInfo components get

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tdlm.data.locate import not_a_folder
 from tdlm.errors import TdlmError
-from tdlm.training.run_lock import run_status
 from tdlm.training.monitor import read_metrics
+from tdlm.training.run_lock import run_status
 
 # The config sections two runs may differ in and still be the same experiment for the other
 # objective: a diffusion run and its AR twin form one group (one shade in the plots: blue for
@@ -194,7 +194,6 @@ def sort_runs(runs: list[Run]) -> list[Run]:
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
     return sorted(runs, key=lambda r: (not r.is_diffusion, r.epochs or 0, r.parameters or 0, natural(r.name)))
-
 
 
 # -- diffusion vs AR -------------------------------------------------------------------------
