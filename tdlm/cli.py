@@ -31,14 +31,6 @@ def _fail(message: str) -> NoReturn:
     raise UsageError(message)
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The errors a user fixes: every TdlmError. PluginError (tdlm.registry) is named beside it
-    until it derives from TdlmError; imported only once a command has failed."""
-    from tdlm.registry import PluginError
-
-    return TdlmError, PluginError
-
-
 class _Commands(click.Group):
     """The one place where a command's failure becomes what the user sees. Every user error
     (TdlmError) ends as one line on stderr and exit code 2; so do file-system errors on a path (a
@@ -55,7 +47,7 @@ class _Commands(click.Group):
         except TrainingDiverged as exc:
             click.echo(f"tdlm: {exc}", err=True)
             sys.exit(EXIT_DIVERGED)
-        except _user_errors() as exc:  # evaluated only when a command failed
+        except TdlmError as exc:
             _print_error(str(exc))
         except OSError as exc:
             if exc.filename is None:

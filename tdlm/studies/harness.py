@@ -56,13 +56,10 @@ def default_device() -> str:
 
 def load(run_dir, *, which: str, device: str, sampler: tuple | None):
     """The run (tdlm.rundir.load_run), every problem a TdlmError."""
-    from tdlm.registry import PluginError
     from tdlm.rundir import load_run
 
     try:
         loaded = load_run(run_dir, which=which, device=device, sampler=sampler, action="scoring it with lm-eval")
-    except PluginError as exc:
-        raise TdlmError(str(exc)) from None
     except FileNotFoundError as exc:
         if isinstance(exc, TdlmError):
             raise
