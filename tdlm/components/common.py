@@ -4,6 +4,7 @@ every component makes the same way (float64 categorical, stratified t)."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -89,3 +90,18 @@ def stratified_times(
     """t_i = (u + i / B) mod 1 with one u ~ U[0, 1): low-discrepancy times across a batch."""
     u = torch.rand((), generator=generator, device=device, dtype=torch.float64)
     return ((u + torch.arange(batch, device=device, dtype=torch.float64) / batch) % 1.0).float()
+
+
+def construct(cls: type, config: ComponentConfig, *, context: RunContext | None, **parts):
+    """`cls(config, **parts, context=context)`. A class whose own `__init__` takes no `context`
+    (written before it existed) is built without it and gets `self.context` set right after, so
+    it keeps working. `build_component` adds the checks made before a component is built."""
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        parameters = ()
+    if any(p.name == "context" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return cls(config, **parts, context=context)
+    component = cls(config, **parts)
+    component.context = context
+    return component

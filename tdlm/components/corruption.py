@@ -7,7 +7,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from tdlm.components.common import ComponentConfig, RunContext, VocabInfo, placeholder
+from tdlm.components.common import ComponentConfig, RunContext, VocabInfo, construct, placeholder
 from tdlm.components.schedule import Schedule
 from tdlm.head import Denoised
 
@@ -47,9 +47,7 @@ class Corruption(nn.Module):
 
     def with_schedule(self, schedule: Schedule) -> "Corruption":
         """The same corruption under another schedule (for a schedule_invariant evaluation)."""
-        from tdlm.components.build import build_component  # build knows the sampler, which knows this module
-
-        return build_component(type(self), self.config, schedule=schedule, vocab=self.vocab, context=self.context)
+        return construct(type(self), self.config, schedule=schedule, vocab=self.vocab, context=self.context)
 
     @placeholder
     def corrupt(self, x0: Tensor, t: Tensor, generator: torch.Generator | None) -> Tensor:
