@@ -9,6 +9,8 @@ package with an entry point (a user's machine).
 
 from __future__ import annotations
 
+import functools
+
 import importlib
 import os
 import subprocess
@@ -156,8 +158,45 @@ class NoPositions(Sampler):
 
 
 class RenamedArgument(Corruption):
+    """tdlm passes corrupt's arguments by position: their names are the plugin's own."""
+
     def corrupt(self, x, t, generator):
         return x
+
+
+def passing_through(method):
+    """A decorator written without functools.wraps: its wrapper takes anything."""
+    def wrapper(*args, **kwargs):
+        return method(*args, **kwargs)
+    return wrapper
+
+
+class Wrapped(Sampler):
+    needs_corruption = ["reverse_unmask_probs"]  # a list of method names reads as well as a tuple
+
+    @passing_through
+    def sample(self, net, canvas, generator, *, positions=None):
+        return SampleOutput(tokens=canvas, nfe=0)
+
+    @staticmethod
+    def record(x):
+        pass
+
+
+class TooFewPositional(Corruption):
+    def corrupt(self, x0, t):
+        return x0
+
+
+class NotAMethod(Sampler):
+    sample = None
+
+
+class PartialSample(Sampler):
+    def _sample(self, net, canvas, generator, *, positions=None, scale=1.0):
+        return SampleOutput(tokens=canvas, nfe=0)
+
+    sample = functools.partialmethod(_sample, scale=2.0)
 
 
 class ExtraRequired(Corruption):
@@ -191,8 +230,9 @@ def test_a_sampler_without_positions_is_refused_naming_the_signature_wanted():
 
 
 @pytest.mark.parametrize("kind, cls, said", [
-    ("corruption", RenamedArgument, "RenamedArgument.corrupt(self, x, t, generator): its parameter 1 is 'x' where "
-                                    "Corruption.corrupt(self, x0, t, generator) has 'x0'"),
+    ("corruption", TooFewPositional, "TooFewPositional.corrupt(self, x0, t) lacks the parameter 'generator' that "
+                                     "tdlm passes (Corruption.corrupt(self, x0, t, generator))"),
+    ("sampler", NotAMethod, "NotAMethod.sample = None is not a method, as Sampler.sample is"),
     ("corruption", ExtraRequired, "ExtraRequired.corrupt(self, x0, t, generator, rate): tdlm does not pass 'rate', "
                                   "so it needs a default"),
     ("sampler", PositionsWithoutDefault, "'positions' needs a default, as in Sampler.sample(self, net, canvas, "
@@ -205,8 +245,13 @@ def test_a_method_that_does_not_take_what_tdlm_passes_is_refused(kind, cls, said
 
 
 def test_signatures_that_take_what_tdlm_passes_are_accepted():
-    registry = registered("fine-plugin", sampler=[("anything", TakesAnything)])
+    registry = registered("fine-plugin", sampler=[("anything", TakesAnything), ("wrapped", Wrapped),
+                                                  ("partial", PartialSample)],
+                          corruption=[("renamed", RenamedArgument)])
     assert registry.get("sampler", "anything").cls is TakesAnything
+    assert registry.get("sampler", "wrapped").cls is Wrapped  # a wrapper, a staticmethod, a list of needs
+    assert registry.get("sampler", "partial").cls is PartialSample  # taken on trust
+    assert registry.get("corruption", "renamed").cls is RenamedArgument
     # every built-in fits (they are registered in code, so a misfit would raise here)
     assert len(build_registry(get_plugin_manager(entry_points=False)).all()) == 17
 

@@ -6,8 +6,9 @@ traceback at the first training step.
 Three things are checked against the kind's base class: the class subclasses it; every attribute
 the base declares (`causal`, `needs_corruption`, ...) has the declared type, and the capabilities
 that promise an option or an argument keep the promise; and every base-class method the class
-overrides takes what tdlm passes (the same positional parameter names, every keyword, defaults
-where tdlm may leave an argument out). Each problem is one line naming what changed and where
+overrides takes what tdlm passes (as many positional parameters, which tdlm passes by position,
+every keyword argument by its name, defaults where tdlm may leave an argument out). A method that
+cannot be inspected (a C function, a partialmethod) is taken on trust. Each problem is one line naming what changed and where
 docs/plugins.md says how to update.
 """
 
@@ -32,6 +33,9 @@ DECLARED = {
 }
 """The class attributes each base class declares, and their types (a tuple: of method names)."""
 
+EXAMPLE_NEEDS = {"needs_schedule": ("alpha", "alpha_prime"), "needs_corruption": ("reverse_unmask_probs",),
+                 "needs_objective": ("score",)}
+
 OPTION_OF_CAPABILITY = {"supports_stop_at_eos": "stop_at_eos", "supports_eval_schedule": "eval_schedule"}
 """A capability that promises an option of the component's Config, and the option's name."""
 
@@ -54,9 +58,10 @@ def attribute_problems(base: type, cls: type) -> list[str]:
     for name, expected in DECLARED[base].items():
         value = getattr(cls, name, None)
         if expected is tuple:
-            if not (isinstance(value, tuple) and all(isinstance(item, str) for item in value)):
+            if isinstance(value, str) or not (isinstance(value, (tuple, list))
+                                              and all(isinstance(item, str) for item in value)):
                 problems.append(f"{name} = {value!r} is not a tuple of method names ({base.__name__}.{name}: "
-                                f"tuple[str, ...], e.g. {name} = (\"reverse_unmask_probs\",))")
+                                f"tuple[str, ...], e.g. {name} = {EXAMPLE_NEEDS.get(name, ())!r})")
         elif not isinstance(value, expected):
             problems.append(f"{name} = {value!r} is not a {expected.__name__} ({base.__name__}.{name}: "
                             f"{expected.__name__})")
@@ -83,7 +88,12 @@ def signature_problems(base: type, cls: type) -> list[str]:
             kind = "a classmethod" if isinstance(declared, classmethod) else "a plain method"
             problems.append(f"{owner.__qualname__}.{name} must be {kind}, as {base.__name__}.{name} is")
             continue
-        problem = _signature_problem(base, name, _function(declared), _function(override))
+        if not (callable(_function(override)) or hasattr(override, "__get__")):  # partialmethod: a descriptor
+            problems.append(f"{owner.__qualname__}.{name} = {override!r} is not a method, as "
+                            f"{base.__name__}.{name} is")
+            continue
+        problem = _signature_problem(base, name, _function(declared), _function(override),
+                                     static=isinstance(override, staticmethod))
         if problem:
             problems.append(f"{owner.__qualname__}.{problem}")
     return problems
@@ -95,25 +105,26 @@ OLD_NELBO_TERMS = ("{name}{got} takes logits, and nelbo_terms receives a Denoise
                    "xt, mask_id) wraps logits in a test)")
 
 
-def _signature_problem(base: type, name: str, declared, override) -> str | None:
-    expected = list(inspect.signature(declared).parameters.values())[1:]  # without self / cls
-    got = list(inspect.signature(override).parameters.values())[1:]
+def _signature_problem(base: type, name: str, declared, override, *, static: bool = False) -> str | None:
+    try:
+        expected = list(inspect.signature(declared).parameters.values())[1:]  # without self / cls
+        got = list(inspect.signature(override).parameters.values())
+    except (TypeError, ValueError):  # not inspectable: taken on trust, as before signatures were checked
+        return None
     wanted = f"{base.__name__}.{name}{_shown(declared)}"
     shown = f"{name}{_shown(override)}"
-    if name == "nelbo_terms" and got and got[0].name == "logits":
-        return OLD_NELBO_TERMS.format(name=name, got=_shown(override))
     kinds = {p.kind for p in got}
     if inspect.Parameter.VAR_POSITIONAL in kinds and inspect.Parameter.VAR_KEYWORD in kinds:
-        return None  # takes anything
+        return None  # takes anything (a wrapper written without functools.wraps, too)
+    if not static and got and got[0].kind in (got[0].POSITIONAL_ONLY, got[0].POSITIONAL_OR_KEYWORD):
+        got = got[1:]  # self / cls
+    if name == "nelbo_terms" and got and got[0].name == "logits":
+        return OLD_NELBO_TERMS.format(name=name, got=_shown(override))
     positional = [p for p in got if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     by_name = {p.name: p for p in got}
-    for i, want in enumerate(p for p in expected if p.kind is p.POSITIONAL_OR_KEYWORD):
-        if i >= len(positional):
-            if inspect.Parameter.VAR_POSITIONAL in kinds:
-                break
-            return f"{shown} lacks the parameter {want.name!r} that tdlm passes ({wanted})"
-        if positional[i].name != want.name:
-            return f"{shown}: its parameter {i + 1} is {positional[i].name!r} where {wanted} has {want.name!r}"
+    passed = [p for p in expected if p.kind is p.POSITIONAL_OR_KEYWORD]  # tdlm passes these by position
+    if len(positional) < len(passed) and inspect.Parameter.VAR_POSITIONAL not in kinds:
+        return f"{shown} lacks the parameter {passed[len(positional)].name!r} that tdlm passes ({wanted})"
     for want in (p for p in expected if p.kind is p.KEYWORD_ONLY):
         have = by_name.get(want.name)
         if have is None or have.kind is have.POSITIONAL_ONLY:
@@ -122,10 +133,9 @@ def _signature_problem(base: type, name: str, declared, override) -> str | None:
             return f"{shown} lacks the keyword argument {want.name!r} that tdlm passes ({wanted})"
         if want.default is not want.empty and have.default is have.empty:
             return f"{shown}: {want.name!r} needs a default, as in {wanted}: tdlm may leave it out"
-    known = {p.name for p in expected}
-    for extra in got:
-        if extra.name not in known and extra.kind not in (extra.VAR_POSITIONAL, extra.VAR_KEYWORD) \
-                and extra.default is extra.empty:
+    keywords = {p.name for p in expected if p.kind is p.KEYWORD_ONLY}
+    for extra in positional[len(passed):] + [p for p in got if p.kind is p.KEYWORD_ONLY]:
+        if extra.name not in keywords and extra.default is extra.empty:
             return f"{shown}: tdlm does not pass {extra.name!r}, so it needs a default ({wanted})"
     return None
 
