@@ -40,6 +40,11 @@ class RecipeError(TdlmError, ValueError):
     """A recipe (or override) that cannot run: the message says which key and why."""
 
 
+class SamplerRefused(RecipeError):
+    """The recipe's sampler cannot sample its objective (Sampler.objective_problem), and nothing
+    else is wrong with the recipe: a run saved before this was checked still loads for scoring."""
+
+
 class Section(BaseModel):
     """A recipe section: unknown keys are errors, and so are NaN and infinite floats."""
 
@@ -351,9 +356,10 @@ def resolve_components(cfg: RunConfig, registry) -> dict:
         resolved[kind] = ResolvedComponent(component, options)
     if problems:
         raise RecipeError("; ".join(problems))
-    problems = unmet_requirements(resolved) + objective_refusals(resolved) + attention_conflicts(cfg, resolved)
+    refusals = objective_refusals(resolved)
+    problems = unmet_requirements(resolved) + refusals + attention_conflicts(cfg, resolved)
     if problems:
-        raise RecipeError("; ".join(problems))
+        raise (SamplerRefused if problems == refusals else RecipeError)("; ".join(problems))
     return resolved
 
 

@@ -9,13 +9,14 @@ first defined here stay importable from here.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from tdlm.config import (RecipeError, RunConfig, apply_overrides, format_validation_error, resolve_components,
-                         resolved_dict)
+from tdlm.config import (RecipeError, RunConfig, SamplerRefused, apply_overrides, format_validation_error,
+                         resolve_components, resolved_dict)
 from tdlm.training.run_files import (  # noqa: F401 - defined here first: still importable from here
     MISSING,
     RESUME_MAY_CHANGE,
@@ -90,6 +91,30 @@ def override_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         raise RecipeError(f"overrides {' '.join(overrides)}: {format_validation_error(exc, RunConfig)}") from None
 
 
+def resolve_saved(cfg: RunConfig, registry, run_dir: Path, sampler=None) -> tuple[RunConfig, dict]:
+    """A saved run's config and resolved components, with the chosen `sampler` ((name, options) or
+    None: the run's own). A run trained before samplers were checked against their objective
+    (plugin API 1.2) may name one of the other kind: it still loads, with the sampler chosen or,
+    failing that, its objective's default sampler and a warning (scoring it needs no sampler)."""
+    from tdlm.sampling.select import with_sampler
+
+    try:
+        components = resolve_components(cfg, registry)
+    except SamplerRefused as exc:
+        without = cfg.model_copy(update={"sampler": None})
+        components = resolve_components(without, registry)  # the objective's default sampler
+        if sampler is not None:
+            if sampler[0] in (None, cfg.sampler.name):
+                raise  # the refused sampler itself was asked for
+            return with_sampler(without, components, registry, *sampler)
+        print(f"tdlm: warning: {run_dir}: {exc}; it samples with {components['sampler'].component.name!r} "
+              "instead (another: --sampler)", file=sys.stderr)
+        return without, components
+    if sampler is not None:
+        return with_sampler(cfg, components, registry, *sampler)
+    return cfg, components
+
+
 def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=None,
              registry=None, progress: bool = False, action: str = "scoring or sampling it",
              overrides: list[str] = ()) -> LoadedRun:
@@ -120,11 +145,7 @@ def load_run(run_dir: str | Path, *, which: str = "best", device="cpu", sampler=
         cfg = override_config(cfg, list(overrides))
         # first: the network itself cannot serve another attention, whatever sampler would go with it
         check_same_attention(registry, saved_cfg, cfg, run_dir)
-    components = resolve_components(cfg, registry)
-    if sampler is not None:
-        from tdlm.sampling.select import with_sampler
-
-        cfg, components = with_sampler(cfg, components, registry, *sampler)
+    cfg, components = resolve_saved(cfg, registry, run_dir, sampler)
     corpus = load_corpus(cfg.data, progress=progress)
     check_record(run_dir, corpus, cfg.data, action=action, recorded=exported.data if exported else None)
     built = build_model(cfg, components, vocab_info(corpus), load_draft=load_draft)

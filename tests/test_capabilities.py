@@ -183,3 +183,32 @@ def test_the_commands_ask_the_declared_capabilities():
     # the t the training draws, which `tdlm bench`'s hand-written loop copies
     assert DiffusionObjective.training_t_min(DiffusionObjective.Config(t_eps=0.01)) == 0.01
     assert AutoregressiveObjective.training_t_min(AutoregressiveObjective.Config()) == 0.0
+
+
+def test_a_run_saved_with_a_sampler_of_the_other_kind_still_scores_and_samples(trained_pair, tmp_path, monkeypatch):
+    """Before samplers were checked against their objective, an AR run could be trained with a
+    diffusion sampler in its recipe: it loads, scores and samples (with its objective's own sampler,
+    or the one named), and asking for the refused sampler itself is one line."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from tdlm.cli import cli
+
+    monkeypatch.setenv("TDLM_CACHE_DIR", str(trained_pair["cache"]))
+    run = tmp_path / "ar"
+    shutil.copytree(trained_pair["ar"], run)
+    config = json.loads((run / "config.json").read_text())
+    config["sampler"] = {"name": "ancestral", "steps": 8}
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "config.toml").unlink()
+
+    scored = CliRunner().invoke(cli, ["eval", str(run), "--split", "test", "--json"])
+    assert scored.exit_code == 0, scored.output
+    assert "cannot sample objective 'ar'" in scored.stderr and "it samples with 'ar' instead" in scored.stderr
+    sampled = CliRunner().invoke(cli, ["sample", str(run), "--num", "1", "--length", "6", "--sampler", "ar"])
+    assert sampled.exit_code == 0 and "warning" not in sampled.stderr, sampled.output
+    refused = CliRunner().invoke(cli, ["sample", str(run), "--num", "1", "--length", "6", "--sampler", "ancestral"])
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output
+    assert "sampler 'ancestral' (tdlm) cannot sample objective 'ar' (tdlm)" in refused.stderr
