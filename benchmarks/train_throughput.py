@@ -11,7 +11,9 @@ From Python: `from tdlm.studies.bench import measure; measure(vocab=4096, steps=
 """
 
 from tdlm.studies.bench import format_result, measure  # noqa: F401  (importable from here too)
-from tdlm.cli import bench
+from tdlm.cli import cli
 
-if __name__ == "__main__":
-    bench(prog_name="python benchmarks/train_throughput.py")
+if __name__ == "__main__":  # through the command group: its one handler turns errors into one line
+    import sys
+
+    cli(["bench", *sys.argv[1:]], prog_name="python benchmarks/train_throughput.py")

@@ -106,6 +106,9 @@ def test_the_old_helper_paths_still_import():
     assert (time_grid, reverse_kernel, next_token_probs) == (grids.time_grid, kernel.reverse_kernel,
                                                              next_token.next_token_probs)
     assert DraftMixin is tdlm.plugin.DraftMixin
+    with pytest.raises(ImportError, match=r"^tdlm.sampling.draft.load_draft is tdlm.rundir.load_draft since plugin "
+                                          r"API 1.2 .*docs/plugins.md#upgrading-a-plugin$"):
+        from tdlm.sampling.draft import load_draft  # noqa: F401 - moved up a layer: the message says where
 
 
 def template(name: str) -> str:

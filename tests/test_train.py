@@ -182,3 +182,14 @@ def test_eval_and_sample_commands_on_a_trained_run(tmp_path, corpus):
     assert len(sampled["samples"]) == 2 and 1 <= sampled["nfe"] <= 8
     assert all(text.startswith("the cat") for text in sampled["samples"])
     assert all("<mask>" not in text for text in sampled["samples"])
+
+
+def test_a_trainer_whose_sampler_drafts_needs_a_draft_loader_before_it_trains(tmp_path, corpus):
+    """Found when the Trainer is built, not at the first evaluation's sample minutes later."""
+    from tdlm.errors import RunError
+
+    recipe = toy_recipe(tmp_path / "r.toml", corpus, tmp_path / "runs",
+                        extra='[sampler]\nname = "speculative"\ndraft = "runs/some-draft"\n')
+    cfg = read_recipe(recipe)
+    with pytest.raises(RunError, match=r"drafts from the run 'runs/some-draft' .* pass load_draft=tdlm.rundir.load_draft"):
+        Trainer(cfg, resolve_components(cfg, build_registry()))

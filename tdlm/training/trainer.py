@@ -81,6 +81,10 @@ class Trainer:
         self.components = components
         self.vocab_info = vocab_info(self.corpus)  # counts the train tokens: once
         self.built = build_model(cfg, components, self.vocab_info, load_draft=self.load_draft)
+        if getattr(self.built.sampler.config, "draft", None) is not None and self.load_draft is None:
+            # found now, not at the first evaluation's sample after minutes of training
+            raise RunError(f"the sampler drafts from the run {self.built.sampler.config.draft!r} and this Trainer was "
+                           "given no load_draft to read it: pass load_draft=tdlm.rundir.load_draft (tdlm run does)")
         self.source = None  # a resume loads the run's own checkpoint below, never the source
         if cfg.training.init_from and not resume:
             self.source = start_from(self.built.model, cfg, record)  # record: data.json names the source
