@@ -41,6 +41,18 @@ def gpt2_files():
 
 
 @pytest.fixture(scope="session")
+def wikitext2_files(gpt2_files):
+    """WikiText-2's split files (and the GPT-2 tokenizer's), found the way tdlm finds them, or skip."""
+    from tdlm.data import DataConfig
+    from tdlm.data.locate import DataNotFoundError, find_split_files
+
+    try:
+        return find_split_files(DataConfig(dataset="wikitext2", tokenizer="gpt2"))
+    except DataNotFoundError:
+        pytest.skip("WikiText-2 not found (set TDLM_DATA_DIR to the project's shared data)")
+
+
+@pytest.fixture(scope="session")
 def registry():
     return build_registry()
 

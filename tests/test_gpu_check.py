@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_gpu_check_smoke_runs_every_step(tmp_path):
+def test_gpu_check_smoke_runs_every_step(tmp_path, wikitext2_files):
     """On WikiText-2 as the GPU run (its tokens cached where tdlm caches them: once)."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "RUNS": str(runs),
