@@ -72,6 +72,22 @@ def test_no_crossover_is_said_plainly(tmp_path):
     assert "none within the runs" in table and "| 5.500 ± 0.010 (16) | 5.900 ± 0.010 (64) |" in table
 
 
+def test_a_model_best_at_its_first_validation_is_flagged(tmp_path):
+    """A large model on few unique tokens can overfit before its first validation: its best
+    figure is then an upper limit, and a crossover against it may be an artefact of the grid."""
+    root = pair(tmp_path / "r", diffusion=[6.5, 6.2, 6.0, 5.9], ar=[6.3, 6.7, 7.1, 7.4], stderr=0.02)
+    runs = find_runs([root])
+    assert crossing(*repetition_pairs(runs)[0]) is not None  # what the grid alone would say
+    table = "\n".join(repetition_lines(runs))
+    assert ("- Caution: AR run ar-u16k is best at its first validation (step 64, 16 epochs): its optimum may come "
+            "earlier, so its best figure here is only an upper limit and a crossover against it may be an artefact "
+            "of the grid") in table
+    assert "Caution: diffusion" not in table
+    calm = "\n".join(repetition_lines(find_runs([pair(tmp_path / "s", diffusion=[6.5, 6.2, 6.0, 5.9],
+                                                          ar=[5.7, 5.5, 6.1, 6.4])])))
+    assert "Caution" not in calm
+
+
 def test_c_crit_is_the_published_fit():
     assert c_crit(1_000_000) == pytest.approx(2.12e15)
     assert c_crit(2_448_382) == pytest.approx(2.12e15 * 2.448382 ** 2.174)  # all of WikiText-2: ~1.5e16

@@ -143,7 +143,25 @@ def repetition_lines(runs: list[Run]) -> list[str]:
             f"| {format_number(last.epochs)}, {_flops(last.flops)} | {a_best.nll:.3f} ± {_se(a_best.best_stderr)} "
             f"({format_number(a_best.epochs)}) | {d_best.nll:.3f} ± {_se(d_best.best_stderr)} ({format_number(d_best.epochs)}) "
             f"| {measured} | {_flops(c_crit(unique)) if unique else '-'} |")
-    return lines + [""]
+    cautions = [caution for diffusion, ar in found for caution in first_evaluation_cautions(diffusion, ar)]
+    return lines + [""] + cautions + ([""] if cautions else [])
+
+
+def first_evaluation_cautions(diffusion: Run, ar: Run) -> list[str]:
+    """A warning for each run of a pair whose best validation figure is its first evaluation: its
+    optimum may lie before it, so its best figure is only an upper limit of what early stopping
+    would keep, and a crossover read against an AR run so cut off may be an artefact of the grid
+    (a large model on few unique tokens overfits within a few epochs)."""
+    cautions = []
+    for run, word in ((ar, "AR"), (diffusion, "diffusion")):
+        points = best_so_far(run)
+        if points[-1].best_step == points[0].step:
+            cautions.append(
+                f"- Caution: {word} run {run.name} is best at its first validation (step {points[0].step}, "
+                f"{format_number(points[0].epochs)} epochs): its optimum may come earlier, so its best figure here is "
+                f"only an upper limit{' and a crossover against it may be an artefact of the grid' if word == 'AR' else ''}; "
+                "validate more often over the first epochs (training.eval_every) to find it.")
+    return cautions
 
 
 def plot_repetition(runs: list[Run], path: Path) -> Path | None:
