@@ -5,30 +5,20 @@ sampler that cannot sample an objective says so when the recipe is resolved, in 
 from __future__ import annotations
 
 import inspect
-import types
 
 import pytest
 import torch
 
+from test_plugin_fit import registered
 from tdlm.plugin import (AutoregressiveObjective, ComponentConfig, DiffusionObjective, Objective, RecipeError,
                          ResolvedComponent, RunConfig, SampleOutput, Sampler, SemiAutoregressiveSampler, VocabInfo,
-                         build_model, build_registry, get_plugin_manager, hookimpl, resolve_components)
+                         build_model, build_registry, get_plugin_manager, resolve_components)
 
 V = 20
 
 
 def registry_with(**components):
-    module = types.ModuleType("toy_capabilities")
-    for kind, entries in components.items():
-        @hookimpl(specname=f"register_{kind}s")
-        def hook(register, _entries=entries):
-            for name, cls in _entries:
-                register(name, cls)
-
-        setattr(module, f"register_{kind}s_impl", hook)
-    pm = get_plugin_manager(entry_points=False)
-    pm.register(module, name="toy-capabilities")
-    return build_registry(pm)
+    return registered("toy-capabilities", **components)
 
 
 def recipe(**sections) -> RunConfig:
